@@ -1,0 +1,5 @@
+import sys
+
+from marreid.cli import main
+
+sys.exit(main())
