@@ -1,8 +1,17 @@
-"""The record every dataset reader returns, and the split container."""
+"""The record every dataset reader returns, the split container, and the
+file-system helpers all readers share."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from marreid.errors import ConfigError, DatasetError
+
+JUNK_PID = -1
+DISTRACTOR_PID = 0
 
 
 @dataclass(frozen=True)
@@ -50,3 +59,101 @@ def relabel(samples: list[Sample]) -> list[Sample]:
     """Map identities to 0..N-1 in order of the sorted original ids."""
     mapping = {pid: i for i, pid in enumerate(sorted({s.pid for s in samples}))}
     return [Sample(s.path, mapping[s.pid], s.camid) for s in samples]
+
+
+def zero_is_distractor(ds: ReidDataset) -> bool:
+    """True if gallery identity 0 marks distractors: no query has identity 0 (Market-1501).
+
+    In MSMT17 the test identities start at 0, and identity 0 is a real person.
+    """
+    return not any(s.pid == DISTRACTOR_PID for s in ds.query)
+
+
+def pool_splits(ds: ReidDataset, splits: Sequence[str]) -> list[Sample]:
+    """Samples of several splits as one labeled set, people of different splits kept apart.
+
+    Train and test identities are different people even where their numbers
+    coincide (MSMT17 numbers both from 0), so query/gallery identities are
+    shifted past the largest train identity; query and gallery share theirs.
+    Distractors are dropped (they are many people under one id). Feed the
+    result to ``relabel`` for 0..N-1 labels.
+    """
+    unknown = [s for s in splits if s not in ("train", "query", "gallery")]
+    if unknown:
+        raise ConfigError(f"unknown split(s) {unknown} to pool; choose from train, query, gallery")
+    offset = max((s.pid for s in ds.train), default=-1) + 1 if "train" in splits else 0
+    drop_zero = zero_is_distractor(ds)
+    pooled = list(ds.train) if "train" in splits else []
+    for split in ("query", "gallery"):
+        if split in splits:
+            pooled += [
+                Sample(s.path, s.pid + offset, s.camid)
+                for s in getattr(ds, split)
+                if not (drop_zero and s.pid == DISTRACTOR_PID)
+            ]
+    return pooled
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def is_image(name: str) -> bool:
+    """True for the image file types every reader accepts (case-insensitive suffix)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def require_dir(folder: Path, hint: str = "") -> Path:
+    """Return ``folder`` if it is a directory, else raise DatasetError naming it."""
+    if not folder.is_dir():
+        raise DatasetError(f"missing folder {folder}{f' ({hint})' if hint else ''}")
+    return folder
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; other files are ignored."""
+    require_dir(folder)
+    # scandir's cached file type avoids one stat per image on 100k-file folders
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if e.is_file() and is_image(e.name))
+    return [folder / name for name in names]
+
+
+def require_samples(samples: list[Sample], split: str, where: Path | str) -> list[Sample]:
+    """Return ``samples``, or raise DatasetError if the split holds no image."""
+    if not samples:
+        raise DatasetError(f"empty {split} split: no images in {where}")
+    return samples
+
+
+def drop_junk(gallery: list[Sample]) -> tuple[list[Sample], int]:
+    """Gallery samples without the junk identity -1, and how many were dropped."""
+    kept = [s for s in gallery if s.pid != JUNK_PID]
+    return kept, len(gallery) - len(kept)
+
+
+def reject_junk(samples: list[Sample], split: str) -> list[Sample]:
+    """Return ``samples``; junk (-1) is a gallery-only notion, so elsewhere it is an error."""
+    for s in samples:
+        if s.pid == JUNK_PID:
+            raise DatasetError(f"junk identity -1 in the {split} split: {s.path}")
+    return samples
+
+
+def locate_root(root: Path, holds_layout: Callable[[Path], bool], what: str) -> Path:
+    """``root`` itself or its one subfolder that holds the layout.
+
+    Archives usually unpack one level down (``root/Market-1501-v15.09.15/...``),
+    so a single matching child folder is accepted; several are ambiguous. With
+    no match ``root`` is returned, so the reader names the folder it misses.
+    """
+    if not root.exists():
+        raise DatasetError(f"dataset root not found: {root}")
+    if holds_layout(root):
+        return root
+    children = sorted(c for c in root.iterdir() if c.is_dir() and holds_layout(c))
+    if len(children) == 1:
+        return children[0]
+    if len(children) > 1:
+        names = ", ".join(c.name for c in children)
+        raise DatasetError(f"several {what} copies under {root} ({names}); pass one of them")
+    return root
