@@ -1,0 +1,98 @@
+"""``marreid analyze``: the supplementary analyses, ``lognormal`` (Fig. S1) and ``sweep`` (Fig. S2)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from marreid.cli.common import add_config_args, checkpoint_config, resolved_config, yaml_string
+from marreid.config import SPLITS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("analyze", help="the paper's supplementary analyses (Fig. S1, Fig. S2)",
+                                   description="Supplementary analyses: lognormal (Fig. S1), sweep (Fig. S2).")
+    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+
+    ln = sub.add_parser(
+        "lognormal",
+        help="Fig. S1: histograms of log soft multilabels with fitted normals",
+        description="Histograms of log y (Eq. 1) over a dataset split (default: the target's training images), "
+                    "all dimensions together and one dimension alone, each with the fitted normal; mean, std, "
+                    "skewness, excess kurtosis and the KS statistic are printed and saved. Writes "
+                    "lognormal.png, lognormal.json and lognormal.csv to --out (default: the checkpoint's folder).",
+    )
+    ln.add_argument("checkpoint", metavar="CHECKPOINT",
+                    help="a marreid pretrain or MAR checkpoint (it holds the agents)")
+    ln.add_argument("--dataset-root", "--dataset", dest="dataset_root", metavar="R",
+                    help="dataset to analyse (default: the configuration's target)")
+    ln.add_argument("--dataset-format", metavar="F", help="format of --dataset-root (default: detected)")
+    ln.add_argument("--split", choices=SPLITS, default="train", help="which split's images (default: train)")
+    ln.add_argument("--dim", type=int, default=0, help="the single dimension of the second panel (default: 0)")
+    ln.add_argument("--bins", type=int, default=100, help="histogram bins (default: 100)")
+    ln.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    add_config_args(ln, positional=False)
+    ln.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    ln.set_defaults(func=run_lognormal)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="Fig. S2: one MAR run per value of a parameter, rank-1 / mAP against it",
+        description="Pretrains once (or reuses train.pretrained_checkpoint / output.pretrain_dir/last.pt), "
+                    "then trains and evaluates MAR once per value of mar.PARAM, each in OUT/PARAM_VALUE. "
+                    "Finished runs are reused and interrupted ones resumed when the sweep is run again. "
+                    "Writes sweep.csv and sweep.png to --out (default: sweep_PARAM beside output.run_dir).",
+    )
+    add_config_args(sw)
+    sw.add_argument("--param", required=True, metavar="NAME",
+                    help="the mar option to vary: mining_ratio, beta, or another float option of mar")
+    sw.add_argument("--values", required=True, nargs="+", type=float, metavar="V", help="the values to train with")
+    sw.add_argument("--pretrained", metavar="CKPT", help="start every run from this pretrain checkpoint")
+    sw.add_argument("--out", metavar="DIR", help="output folder")
+    sw.set_defaults(func=run_sweep)
+
+
+def run_lognormal(args: argparse.Namespace) -> int:
+    from marreid.analysis.lognormal import collect_log_multilabels, write_lognormal_report
+    from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, resolve_device
+    from marreid.errors import CheckpointError
+
+    cfg, state = checkpoint_config(args, args.checkpoint)
+    if "kind" not in state:
+        raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint, so it has no reference agents "
+                              f"to compute soft multilabels against")
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
+    dataset = load_target(cfg, args.dataset_format, args.dataset_root) if args.dataset_root else load_target(cfg)
+    samples = getattr(dataset, args.split)
+    log_y = collect_log_multilabels(model, samples, eval_transform(cfg), cfg.eval.batch_size,
+                                    cfg.data.num_workers, device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    meta = {"checkpoint": str(args.checkpoint), "dataset": str(dataset.root), "split": args.split}
+    result = write_lognormal_report(log_y, out, dim=args.dim, bins=args.bins, meta=meta)
+    print(f"log soft multilabels of {log_y.shape[0]} images ({dataset.root}, {args.split}) "
+          f"against {log_y.shape[1]} reference agents")
+    print(f"{'panel':<16} {'n':>10} {'mean':>9} {'std':>8} {'skew':>7} {'ex.kurt':>8} {'KS':>7}")
+    for title, fit in result["fits"].items():
+        print(f"{title:<16} {fit.n:>10} {fit.mean:>9.3f} {fit.std:>8.3f} {fit.skewness:>7.3f} "
+              f"{fit.excess_kurtosis:>8.3f} {fit.ks_statistic:>7.4f}")
+    print(f"wrote {result['png']}, {result['json']} and {result['csv']}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from marreid.analysis.sweep import check_values, run_sweep as sweep, write_sweep
+
+    check_values(args.param, args.values)
+    extra = [f"train.pretrained_checkpoint={yaml_string(args.pretrained)}"] if args.pretrained else []
+    cfg = resolved_config(args, extra=extra)
+    out = Path(args.out) if args.out else Path(cfg.output.run_dir).parent / f"sweep_{args.param}"
+    rows = sweep(cfg, args.param, args.values, out)
+    files = write_sweep(rows, out)
+    print(f"{args.param:>14} {'rank-1':>7} {'rank-5':>7} {'mAP':>7}  run")
+    for row in sorted(rows, key=lambda r: r["value"]):
+        print(f"{row['value']:>14g} {100 * row['rank1']:>7.1f} {100 * row['rank5']:>7.1f} "
+              f"{100 * row['mAP']:>7.1f}  {row['run_dir']}")
+    print(f"AP rule: {rows[0]['ap_rule']}; wrote {files['png']} and {files['csv']}")
+    return 0

@@ -1,0 +1,95 @@
+"""``marreid visualize``: ranked-list grids of a checkpoint (``ranks``) and a run's training curves (``curves``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from marreid.cli.common import add_config_args, checkpoint_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("visualize", help="ranked-list grids and training curves",
+                                   description="ranks: query / top-k gallery grids; curves: a run's training curves.")
+    sub = parser.add_subparsers(dest="view", metavar="VIEW", required=True)
+
+    ranks = sub.add_parser(
+        "ranks",
+        help="grid of queries and their top-k gallery images, true matches green, false red",
+        description="For random (--queries) or chosen (--query-index) queries: the query framed blue, then its "
+                    "top-k gallery images by distance, true matches framed green, false ones red, and images "
+                    "the Market-1501 protocol ignores (same identity and camera, junk) grey with a label. "
+                    "Writes ranks.png and ranks.csv to --out (default: the checkpoint's folder).",
+    )
+    ranks.add_argument("checkpoint", metavar="CHECKPOINT", help="a marreid checkpoint or a weight file")
+    ranks.add_argument("--dataset-root", "--dataset", dest="dataset_root", metavar="R",
+                       help="dataset whose query / gallery to use (default: the configuration's target)")
+    ranks.add_argument("--dataset-format", metavar="F", help="format of --dataset-root (default: detected)")
+    which = ranks.add_mutually_exclusive_group()
+    which.add_argument("--queries", type=int, metavar="N", help="N random queries (default: 8)")
+    which.add_argument("--query-index", type=int, nargs="+", metavar="I", help="these rows of the query split")
+    ranks.add_argument("--topk", type=int, default=10, help="gallery images per query (default: 10)")
+    ranks.add_argument("--seed", type=int, default=0, help="seed of the random query choice (default: 0)")
+    ranks.add_argument("--tile", type=int, nargs=2, default=(128, 64), metavar=("H", "W"),
+                       help="tile size in pixels (default: 128 64)")
+    ranks.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    add_config_args(ranks, positional=False)
+    ranks.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    ranks.set_defaults(func=run_ranks)
+
+    curves = sub.add_parser(
+        "curves",
+        help="plot every loss term, mined-pair counts and evaluations of a run",
+        description="Reads RUN_DIR/log.jsonl (the last record of each step, when a resumed run repeated "
+                    "steps) and writes curves.png, curves_steps.csv and curves_eval.csv to --out "
+                    "(default: RUN_DIR).",
+    )
+    curves.add_argument("run_dir", metavar="RUN_DIR", help="a pretrain or MAR run folder")
+    curves.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR)")
+    curves.set_defaults(func=run_curves)
+
+
+def run_ranks(args: argparse.Namespace) -> int:
+    from marreid.analysis.ranklist import FALSE, MATCH, GridLayout, choose_queries, ranked_lists, write_ranked_lists
+    from marreid.engine.extract import (eval_transform, extract_features, load_target, model_from_checkpoint,
+                                        resolve_device)
+    from marreid.errors import ConfigError, DatasetError
+
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    cfg, state = checkpoint_config(args, args.checkpoint)
+    dataset = load_target(cfg, args.dataset_format, args.dataset_root) if args.dataset_root else load_target(cfg)
+    if not dataset.query or not dataset.gallery:
+        raise DatasetError(f"{dataset.root}: ranked lists need query and gallery splits")
+    count = args.queries if args.queries is not None else 8
+    chosen = choose_queries(len(dataset.query), count, args.query_index, args.seed)
+    layout = GridLayout(rows=len(chosen), cols=min(args.topk, len(dataset.gallery)),
+                        tile_h=args.tile[0], tile_w=args.tile[1])
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
+    common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,
+                  num_workers=cfg.data.num_workers, device=device)
+    qf = extract_features(model, [dataset.query[i] for i in chosen], **common)[0]
+    gf = extract_features(model, dataset.gallery, **common)[0]
+    lists = ranked_lists(qf, gf, dataset.query, dataset.gallery, chosen, args.topk, cfg.eval.metric)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    files = write_ranked_lists(lists, dataset.query, dataset.gallery, out, layout)
+    for ranked in lists:
+        marks = "".join({MATCH: "+", FALSE: "-"}.get(s, ".") for s in ranked.statuses)
+        first = next((i + 1 for i, s in enumerate(ranked.statuses) if s == MATCH), None)
+        print(f"query {ranked.query_index:>5} ({Path(dataset.query[ranked.query_index].path).name}): {marks}  "
+              f"first true match at rank {first if first else f'> {len(ranked.statuses)}'}")
+    print(f"(+ true match, - false, . ignored by the protocol; {cfg.eval.metric} distance)")
+    print(f"wrote {files['png']} and {files['csv']}")
+    return 0
+
+
+def run_curves(args: argparse.Namespace) -> int:
+    from marreid.analysis.curves import write_curves
+
+    run_dir = Path(args.run_dir)
+    result = write_curves(run_dir / "log.jsonl", Path(args.out) if args.out else run_dir)
+    print(f"{result['steps']} steps and {result['evals']} evaluations in {result['panels']} panels")
+    print(f"wrote {result['png']}, {result['steps_csv']} and {result['eval_csv']}")
+    return 0
