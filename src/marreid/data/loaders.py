@@ -9,7 +9,9 @@ any number of workers, sees the same batches and the same pixels.
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,16 +58,27 @@ def read_image(path: str) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
-def find_bad_images(samples: Sequence[Sample]) -> list[tuple[str, str]]:
-    """(path, reason) for every sample whose image cannot be fully decoded."""
-    bad = []
-    for sample in samples:
-        try:
-            with Image.open(sample.path) as img:
-                img.load()
-        except IMAGE_ERRORS as exc:
-            bad.append((sample.path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-    return bad
+def _decode_failure(path: str) -> str | None:
+    """Why ``decode_image`` fails on ``path`` (its first line), or None when it decodes."""
+    try:
+        decode_image(path)
+    except IMAGE_ERRORS as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+def find_bad_images(samples: Sequence[Sample], workers: int = 1) -> list[tuple[str, str]]:
+    """(path, reason) for every sample whose image cannot be decoded as training reads it, in order.
+
+    ``workers`` threads decode in parallel (PIL releases the GIL while decoding).
+    """
+    paths = [s.path for s in samples]
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            reasons = list(pool.map(_decode_failure, paths, chunksize=64))
+    else:
+        reasons = [_decode_failure(p) for p in paths]
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
 class ImageDataset(Dataset):
@@ -105,13 +118,26 @@ class ReidDataLoader(DataLoader):
             raise one_line(exc.with_traceback(None)) from None
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Worker init: leave SIGINT / SIGTERM to the main process.
+
+    A terminal's Ctrl-C or a scheduler's SIGTERM reaches the whole process group;
+    a worker that died of it would break the batch the main process is finishing
+    before its checkpoint. The main process shuts the workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, **kwargs: Any) -> ReidDataLoader:
-    """A loader with its own generator, so creating it never consumes torch's global RNG."""
+    """A loader with its own generator, so creating it never consumes torch's global RNG;
+    its workers ignore the stop signals (``ignore_stop_signals``)."""
     return ReidDataLoader(
         dataset,
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         **kwargs,
     )
 
@@ -161,6 +187,9 @@ class PairedBatches:
     target batch of global step ``g = epoch * steps_per_epoch + step`` depends
     only on ``(seed, g)``. ``target=None`` (pretraining) yields ``None`` as
     the target batch. Each batch is the collated ``(images, pids, camids, indices)``.
+    Under DistributedDataParallel, rank ``rank`` of ``world_size`` gets the
+    ``rank``-th equal slice of each stream of the global batch (same indices,
+    same augmentation seeds), so the ranks together see what one process would.
     """
 
     def __init__(
@@ -173,9 +202,16 @@ class PairedBatches:
         num_workers: int = 0,
         target_order: Callable[[int], Sequence[int]] | None = None,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, not {seed}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside 0..{world_size - 1}")
+        for name, size in (("aux_batch", aux_batch), ("target_batch", target_batch if target is not None else 0)):
+            if size % world_size:
+                raise ConfigError(f"{name}={size} cannot be split evenly over {world_size} ranks")
         if aux_batch < 1 or aux_batch > len(aux):
             raise ConfigError(f"aux_batch={aux_batch} must be between 1 and the auxiliary set's {len(aux)} images")
         if target is not None and target_batch < 1:
@@ -183,6 +219,7 @@ class PairedBatches:
         self.aux, self.target = aux, target
         self.aux_batch, self.target_batch = aux_batch, target_batch
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(aux) // aux_batch
         self.target_order = target_order or self.default_target_order
         self._pass_lengths: list[int] = []
@@ -226,17 +263,21 @@ class PairedBatches:
         order = self._target_pass(k)
         return [int(i) for i in order[j * self.target_batch : (j + 1) * self.target_batch]]
 
+    def _rank_slice(self, items: list) -> list:
+        share = len(items) // self.world_size
+        return items[self.rank * share : (self.rank + 1) * share]
+
     def step_items(self, epoch: int, step: int) -> list[tuple[int, int, int]]:
-        """The ``(stream, index, seed)`` items of one step: auxiliary first, then target."""
-        items = [
+        """This rank's ``(stream, index, seed)`` items of one step: auxiliary first, then target."""
+        items = self._rank_slice([
             (AUX_STREAM, index, sample_seed(self.seed, epoch, step, slot, AUX_STREAM))
             for slot, index in enumerate(self.aux_indices(epoch, step))
-        ]
+        ])
         if self.target is not None:
-            items += [
+            items += self._rank_slice([
                 (TARGET_STREAM, index, sample_seed(self.seed, epoch, step, slot, TARGET_STREAM))
                 for slot, index in enumerate(self.target_indices(epoch * self.steps_per_epoch + step))
-            ]
+            ])
         return items
 
     def iterate(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, Batch, Batch | None]]:
@@ -249,7 +290,7 @@ class PairedBatches:
             self.num_workers,
             self.pin_memory,
             batch_sampler=[self.step_items(epoch, step) for step in steps],
-            collate_fn=_SplitCollate(self.aux_batch),
+            collate_fn=_SplitCollate(self.aux_batch // self.world_size),
         )
         for step, (aux_batch, target_batch) in zip(steps, loader):
             yield step, aux_batch, target_batch

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +24,23 @@ from marreid.losses.multilabel import agreement_top_quantile, log_soft_multilabe
 Tensor = torch.Tensor
 
 POSITIVE_RULES = ("agreement", "feature")
+
+
+def without_autocast(forward: Callable) -> Callable:
+    """``forward(self, ...)`` run with autocast off on the device of its first tensor argument.
+
+    Inside an autocast region the losses' matmuls (per-camera means, agent
+    products) would run in bf16 / fp16; switching it off keeps every term in
+    float32 whatever precision the model's forward pass used.
+    """
+
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        device = next(v.device for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+        with torch.autocast(device.type, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return run
 
 
 def one_hot_rows(y: Tensor) -> Tensor:
@@ -163,6 +183,7 @@ class MARLoss(nn.Module):
             rows = self._agreement_rows(log_y.exp())
             self.threshold.initialize(agreement_top_quantile(rows, self.mining_ratio))
 
+    @without_autocast
     def forward(
         self,
         aux_feat: Tensor,

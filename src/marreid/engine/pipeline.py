@@ -1,0 +1,556 @@
+"""The staged runner behind ``marreid demo`` and ``marreid experiment``.
+
+Stages, each in its own folder of the run folder:
+
+- ``pretrain/``: supervised L_AL on the auxiliary set (skipped when
+  ``train.pretrained_checkpoint`` names a checkpoint to start from);
+- ``direct/``: the pretrained model evaluated on the target (direct transfer);
+- ``mar/<variant>/``: MAR training from the pretrained checkpoint with the
+  variant's overrides (``VARIANTS``), then evaluation.
+
+A stage whose ``result.json`` was computed from the same options (its
+*fingerprint*: the options that decide what it computes) is skipped; a stage
+whose folder holds a checkpoint of the same options continues from it; a
+stage left by other options is started again from scratch. ``stages.jsonl``
+records every decision. Evaluation extracts features once and scores them
+under the configured AP rule and under ``mar-release`` (the rule of the
+paper's numbers). ``results.json`` and ``results.md`` summarise the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from marreid import __version__
+from marreid.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from marreid.data import ReidDataset, Sample
+from marreid.engine.checkpoint import load_checkpoint
+from marreid.engine.extract import REPORTED_RANKS, eval_transform, extract_features, load_target, \
+    model_from_checkpoint, resolve_device
+from marreid.engine.logging import RunLogger
+from marreid.engine.pretrain import LAST, Pretrainer, SteppedTrainer, load_auxiliary
+from marreid.engine.train import MARTrainer
+from marreid.errors import ConfigError, TrainingError
+from marreid.metrics.rank import evaluate_features
+
+COMPARISON_RULE = "mar-release"
+RESULT_FILE = "result.json"
+STAGE_FILE = "stage.json"
+STAGE_LOG = "stages.jsonl"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+# name: (config overrides, label in the tables)
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "mar": ({}, "MAR (all losses)"),
+    "no_cml": ({"mar.use_cml": False}, "MAR without L_CML"),
+    "no_mdl": ({"mar.use_mdl": False}, "MAR without L_MDL"),
+    "no_rj": ({"mar.use_rj": False}, "MAR without L_RJ"),
+    "hard_labels": ({"mar.hard_labels": True}, "MAR with hard labels"),
+    "no_ral": ({"mar.use_al": False, "mar.use_rj": False}, "MAR without L_RAL"),
+    "feature_mining": ({"mar.positives": "feature"}, "feature-similarity mining"),
+}
+ABLATION = ("mar", "no_cml", "no_mdl", "no_rj", "hard_labels")
+DIRECT_LABEL = "direct transfer"
+METRIC_KEYS = tuple(f"rank{r}" for r in REPORTED_RANKS) + ("mAP",)
+
+PRETRAIN_OPTIONS = ("data", "model", "pretrain", "train.seed", "train.deterministic")
+MAR_OPTIONS = ("data", "model", "pretrain", "mar", "optim", "train", "eval")
+# How a stage runs, not what it computes: a change here neither skips nor restarts it.
+# The step caps are handled apart: raising a cap continues a capped stage.
+_RUN_ONLY = ("data.num_workers", "model.trust_checkpoint", "pretrain.max_steps", "train.pretrained_checkpoint",
+             "train.checkpoint_every_steps", "train.keep_epoch_checkpoints", "train.eval_every_epochs",
+             "train.max_steps", "train.device", "train.diagnostics", "train.progress", "eval.batch_size")
+
+
+def fingerprint(cfg: Config, options: Sequence[str]) -> dict:
+    """The values of ``options`` (``section`` or ``section.key``) that decide a stage's outcome."""
+    full = config_to_dict(cfg)
+    picked: dict[str, Any] = {}
+    for name in options:
+        section, _, key = name.partition(".")
+        if key:
+            picked.setdefault(section, {})[key] = full[section][key]
+        else:
+            picked[section] = dict(full[section])
+    for name in _RUN_ONLY:
+        section, _, key = name.partition(".")
+        picked.get(section, {}).pop(key, None)
+    return picked
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the values that differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    """``cfg`` with the overrides of variant ``name`` applied (ConfigError for an unknown name)."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    return with_overrides(cfg, VARIANTS[name][0])
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with dotted ``key: value`` overrides."""
+    items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return config_from_dict(config_to_dict(cfg), items)
+
+
+def parse_variants(text: str) -> list[str]:
+    """``"mar,no_cml"`` -> ``["mar", "no_cml"]``, each checked against ``VARIANTS``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--variants: name at least one variant")
+    for name in names:
+        if name not in VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def evaluation_rules(cfg: Config) -> list[str]:
+    """The configured AP rule, then ``mar-release`` (the paper's) when it differs."""
+    return list(dict.fromkeys([cfg.eval.ap_rule, COMPARISON_RULE]))
+
+
+def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device,
+                   progress: Callable | None = None) -> dict:
+    """Rank-1/5/10 and mAP of ``model`` on ``dataset`` under every rule of ``evaluation_rules``.
+
+    Features are extracted once (eval transform, ``cfg.eval`` distance); returns
+    ``{"metrics": {rule: {"rank1", "rank5", "rank10", "mAP"}}, "num_query", "num_gallery",
+    "num_valid_queries", "eval_s", "eval_images_per_s"}``.
+    """
+    start = time.perf_counter()
+    common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,
+                  num_workers=cfg.data.num_workers, device=device, progress=progress)
+    qf, q_pids, q_camids = extract_features(model, dataset.query, **common)
+    gf, g_pids, g_camids = extract_features(model, dataset.gallery, **common)
+    metrics, valid = {}, 0
+    for rule in evaluation_rules(cfg):
+        result = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=cfg.eval.metric,
+                                   max_rank=max(cfg.eval.max_rank, max(REPORTED_RANKS)), ap_rule=rule)
+        metrics[rule] = {f"rank{r}": float(result.cmc[r - 1]) for r in REPORTED_RANKS}
+        metrics[rule]["mAP"] = float(result.mAP)
+        valid = result.num_valid_queries
+    seconds = time.perf_counter() - start
+    images = len(dataset.query) + len(dataset.gallery)
+    return {"metrics": metrics, "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
+            "num_valid_queries": int(valid), "eval_s": seconds, "eval_images_per_s": images / max(seconds, 1e-9)}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file, so a crash never leaves half a result behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _capped_done(result: dict, cap: int | None) -> bool:
+    """A training result stands when it ran to the end, or to a cap at least as high as ``cap``."""
+    if result.get("status") == "done":
+        return True
+    return result.get("status") == "max_steps" and cap is not None and result.get("steps", 0) >= cap
+
+
+def _upstream(pretrained: dict) -> dict:
+    """What later stages depend on: the pretraining options and how far it ran (or the given file)."""
+    return {"options": pretrained["fingerprint"], "steps": pretrained.get("steps")}
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(trainer: SteppedTrainer, echo: Callable[[str], None]) -> Iterator[None]:
+    """While training, a first Ctrl-C ends the run after the current step with a checkpoint;
+    a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+        echo("interrupted: stopping after this step with a checkpoint (Ctrl-C again to abort now)")
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+class Pipeline:
+    """Runs (or continues) the stages of one configuration in ``run_dir``.
+
+    Parameters
+    ----------
+    cfg : Config
+        The base configuration; ``output`` is ignored (every stage writes under ``run_dir``).
+    run_dir : path
+        The run folder.
+    variants : sequence of str
+        MAR variants to train, names of ``VARIANTS``; all start from the same pretrained checkpoint.
+    echo : callable
+        Where one-line progress messages go.
+    data_version : optional
+        What identifies the data beyond its roots (e.g. the generator settings of
+        synthetic data rewritten in place); part of every fingerprint.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, variants: Sequence[str] = ("mar",),
+                 echo: Callable[[str], None] = print, data_version: Any = None) -> None:
+        self.cfg = cfg
+        self.data_version = data_version
+        self.run_dir = Path(run_dir)
+        self.variant_configs = {name: variant_config(cfg, name) for name in variants}
+        self.echo = echo
+        self.device = resolve_device(cfg.train.device)
+        self._aux: list[Sample] | None = None
+        self._target: ReidDataset | None = None
+
+    # data, loaded once and only when a stage needs it -------------------------------
+    @property
+    def aux(self) -> list[Sample]:
+        if self._aux is None:
+            self._aux = load_auxiliary(self.cfg)
+        return self._aux
+
+    @property
+    def target(self) -> ReidDataset:
+        if self._target is None:
+            self._target = load_target(self.cfg)
+        return self._target
+
+    # bookkeeping --------------------------------------------------------------------
+    def log(self, stage: str, event: str, **extra: Any) -> None:
+        """Append one decision or outcome to ``stages.jsonl``."""
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stage": stage, "event": event, **extra}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / STAGE_LOG).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _finished(self, stage: str, folder: Path, fp: dict, stands: Callable[[dict], bool]) -> dict | None:
+        result = _read_json(folder / RESULT_FILE)
+        if result is not None and result.get("fingerprint") == fp and stands(result):
+            self.log(stage, "skip")
+            self.echo(f"[{stage}] finished earlier with the same options: skipped")
+            return result
+        return None
+
+    def _can_resume(self, stage: str, folder: Path, fp: dict, config_options: Sequence[str] = ()) -> bool:
+        """Whether ``folder`` holds a checkpoint of the same options (``stage.json``, or for a
+        folder a plain ``marreid`` command made, the ``config_options`` of its config.yaml);
+        a folder left by other options is emptied so that the stage starts again."""
+        if (folder / LAST).is_file():
+            state = _read_json(folder / STAGE_FILE)
+            if state is not None:
+                old = state.get("fingerprint")
+            elif config_options and self.data_version is None and (folder / "config.yaml").is_file():
+                try:
+                    old = fingerprint(load_config(folder / "config.yaml"), config_options)
+                except ConfigError:
+                    old = None
+            else:
+                old = None
+            if old == fp:
+                return True
+            changed = ", ".join(differences(old, fp)[:5]) if isinstance(old, dict) else "unrecorded options"
+            self.echo(f"[{stage}] {folder} holds a run with other options ({changed}): starting it again")
+            self.log(stage, "restart", changed=changed)
+        if folder.exists():
+            shutil.rmtree(folder)
+        return False
+
+    @contextlib.contextmanager
+    def _attempt(self, folder: Path, fp: dict) -> Iterator[Callable[[], float]]:
+        """Record the stage's fingerprint in ``stage.json`` and its wall time summed over every
+        attempt (an interrupted one included); yields the running total."""
+        before = (_read_json(folder / STAGE_FILE) or {}).get("seconds", 0.0)
+        start = time.perf_counter()
+        _write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before})
+        try:
+            yield lambda: before + time.perf_counter() - start
+        finally:
+            _write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before + time.perf_counter() - start})
+
+    def _train(self, stage: str, trainer: SteppedTrainer, images_per_step: int) -> dict:
+        """``trainer.fit()`` under the Ctrl-C guard; its status, steps and throughput."""
+        first = trainer.step
+        start = time.perf_counter()
+        with stop_on_interrupt(trainer, self.echo):
+            status = trainer.fit()
+        seconds = time.perf_counter() - start
+        if status == "stopped":
+            self.log(stage, "stopped", step=trainer.step)
+            raise TrainingError(f"stage {stage} stopped at step {trainer.step}, checkpoint {trainer.checkpoint_path} "
+                                f"kept: run the same command again to continue")
+        steps = trainer.step - first
+        return {"status": status, "steps": trainer.step, "train_s": seconds,
+                "images_per_s": steps * images_per_step / seconds if steps and seconds > 0 else None}
+
+    # stages -------------------------------------------------------------------------
+    def pretrain(self) -> dict:
+        """Pretraining, or the given ``train.pretrained_checkpoint``; its result has ``checkpoint``
+        and ``fingerprint`` (what later stages depend on)."""
+        given = self.cfg.train.pretrained_checkpoint
+        if given:
+            path = Path(given).absolute()
+            fp = {"pretrained_checkpoint": str(path), "data_version": self.data_version}
+            return {"status": "given", "checkpoint": str(path), "fingerprint": fp}
+        folder = self.run_dir / "pretrain"
+        cfg = with_overrides(self.cfg, {"output.pretrain_dir": str(folder)})
+        fp = fingerprint(cfg, PRETRAIN_OPTIONS)
+        if self.data_version is not None:
+            fp["data_version"] = self.data_version
+        result = self._finished("pretrain", folder, fp, lambda r: _capped_done(r, cfg.pretrain.max_steps))
+        if result is not None:
+            return result
+        resume = self._can_resume("pretrain", folder, fp, PRETRAIN_OPTIONS)
+        with self._attempt(folder, fp) as elapsed, RunLogger(folder, enabled=cfg.train.progress) as logger:
+            trainer = Pretrainer(cfg, self.aux, folder, logger)
+            save_config(cfg, folder / "config.yaml")
+            if resume:
+                trainer.resume(trust=cfg.model.trust_checkpoint)
+            total = trainer.epochs * trainer.batches.steps_per_epoch
+            self.log("pretrain", "resume" if resume else "start", step=trainer.step, steps=total)
+            self.echo(f"[pretrain] {'continuing at step ' + str(trainer.step) if resume else 'starting'}: "
+                      f"{total} steps, {len(self.aux)} auxiliary images, {trainer.num_agents} identities")
+            logger.log("start", {"kind": "pretrain", "aux_images": len(self.aux), "num_agents": trainer.num_agents,
+                                 "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
+            run = self._train("pretrain", trainer, cfg.pretrain.batch_size)
+            result = {**run, "checkpoint": str(trainer.checkpoint_path), "num_agents": trainer.num_agents,
+                      "aux_images": len(self.aux), "wall_s": elapsed(), "fingerprint": fp}
+        _write_json(folder / RESULT_FILE, result)
+        self.log("pretrain", "done", step=result["steps"], status=result["status"])
+        return result
+
+    def direct(self, pretrained: dict) -> dict:
+        """The pretrained checkpoint evaluated on the target: direct transfer."""
+        folder = self.run_dir / "direct"
+        fp = {"pretrained": _upstream(pretrained), "eval": fingerprint(self.cfg, ("eval",))["eval"]}
+        result = self._finished("direct", folder, fp, lambda r: True)
+        if result is not None:
+            return result
+        self.log("direct", "start")
+        self.echo("[direct] evaluating the pretrained model on the target")
+        start = time.perf_counter()
+        path = pretrained["checkpoint"]
+        model = model_from_checkpoint(load_checkpoint(path, trust=self.cfg.model.trust_checkpoint), path, self.cfg)
+        scores = evaluate_rules(model.to(self.device), self.target, self.cfg, self.device)
+        result = {"status": "done", "checkpoint": path, **scores, "wall_s": time.perf_counter() - start,
+                  "fingerprint": fp}
+        _write_json(folder / RESULT_FILE, result)
+        self.log("direct", "done")
+        return result
+
+    def variant(self, name: str, pretrained: dict) -> dict:
+        """MAR variant ``name`` trained from the pretrained checkpoint, then evaluated."""
+        stage = f"mar/{name}"
+        folder = self.run_dir / "mar" / name
+        cfg = with_overrides(self.variant_configs[name], {"output.run_dir": str(folder),
+                                                          "train.pretrained_checkpoint": pretrained["checkpoint"]})
+        fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, MAR_OPTIONS)}
+        result = self._finished(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps))
+        if result is not None:
+            return result
+        resume = self._can_resume(stage, folder, fp)
+        with self._attempt(folder, fp) as elapsed, RunLogger(folder, enabled=cfg.train.progress) as logger:
+            trainer = MARTrainer(cfg, self.aux, self.target, folder, logger)
+            save_config(cfg, folder / "config.yaml")
+            if resume:
+                trainer.resume(trust=cfg.model.trust_checkpoint)
+            else:
+                trainer.load_pretrained(pretrained["checkpoint"], trust=cfg.model.trust_checkpoint)
+                trainer.initialize()
+                trainer.save()
+            total = trainer.epochs * trainer.batches.steps_per_epoch
+            self.log(stage, "resume" if resume else "start", step=trainer.step, steps=total)
+            self.echo(f"[{stage}] {'continuing at step ' + str(trainer.step) if resume else 'starting'}: "
+                      f"{total} steps, {trainer.num_target} target images")
+            logger.log("start", {"kind": "mar", "variant": name, "aux_images": len(self.aux),
+                                 "num_agents": trainer.num_agents, "target_images": trainer.num_target,
+                                 "diagnostics": trainer.diagnostics, "resumed_at": trainer.step,
+                                 "steps_per_epoch": trainer.batches.steps_per_epoch})
+            run = self._train(stage, trainer, cfg.train.aux_batch + cfg.train.target_batch)
+            scores = evaluate_rules(trainer.model, self.target, cfg, self.device)
+            logger.log("eval", {**scores["metrics"][cfg.eval.ap_rule], "ap_rule": cfg.eval.ap_rule}, step=trainer.step)
+            result = {**run, "checkpoint": str(trainer.checkpoint_path), **scores, "overrides": VARIANTS[name][0],
+                      "wall_s": elapsed(), "fingerprint": fp}
+        _write_json(folder / RESULT_FILE, result)
+        self.log(stage, "done", step=result["steps"], status=result["status"])
+        return result
+
+    def run(self, extra: dict | None = None) -> dict:
+        """Every stage in order; writes and returns ``results.json`` (``extra`` merged in) and ``results.md``."""
+        start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        pretrained = self.pretrain()
+        direct = self.direct(pretrained)
+        variants = {name: self.variant(name, pretrained) for name in self.variant_configs}
+        results = self.summary(pretrained, direct, variants)
+        results["invocation_s"] = time.perf_counter() - start
+        results.update(extra or {})
+        _write_json(self.run_dir / RESULTS_JSON, results)
+        (self.run_dir / RESULTS_MD).write_text(results_markdown(results))
+        return results
+
+    def summary(self, pretrained: dict, direct: dict, variants: dict[str, dict]) -> dict:
+        """What ``results.json`` holds: settings, then each stage without its fingerprint."""
+        cfg = self.cfg
+
+        def public(result: dict) -> dict:
+            return {k: v for k, v in result.items() if k != "fingerprint"}
+
+        return {
+            "marreid_version": __version__,
+            "ap_rule": cfg.eval.ap_rule,
+            "rules": evaluation_rules(cfg),
+            "distance": cfg.eval.metric,
+            "backbone": cfg.model.arch,
+            "input_size": [cfg.data.height, cfg.data.width],
+            "device": str(self.device),
+            "seed": cfg.train.seed,
+            "auxiliary": {"format": cfg.data.aux_format, "root": cfg.data.aux_root, "splits": cfg.data.aux_splits},
+            "target": {"format": cfg.data.target_format, "root": cfg.data.target_root},
+            "pretrain": public(pretrained),
+            "direct": public(direct),
+            "variants": {name: {**public(result), "label": VARIANTS[name][1]} for name, result in variants.items()},
+        }
+
+
+def run_pipeline(cfg: Config, run_dir: str | Path, variants: Sequence[str] = ("mar",),
+                 echo: Callable[[str], None] = print, extra: dict | None = None, data_version: Any = None) -> dict:
+    """Run or continue every stage of ``cfg`` in ``run_dir``; the ``results.json`` contents
+    (``extra`` merged in). See :class:`Pipeline`."""
+    return Pipeline(cfg, run_dir, variants, echo, data_version).run(extra)
+
+
+# reports ---------------------------------------------------------------------------
+
+def result_rows(results: dict) -> dict[str, dict]:
+    """``{row: {"label", "metrics", "wall_s", "steps"}}``: direct transfer, then each variant."""
+    rows = {"direct": {"label": DIRECT_LABEL, "metrics": results["direct"]["metrics"],
+                       "wall_s": results["direct"].get("wall_s"), "steps": None}}
+    for name, result in results["variants"].items():
+        rows[name] = {"label": result["label"], "metrics": result["metrics"], "wall_s": result.get("wall_s"),
+                      "steps": result.get("steps")}
+    return rows
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def results_markdown(results: dict) -> str:
+    """``results.md`` of one run: a table of direct transfer and every variant, and the settings."""
+    rule, rules = results["ap_rule"], results["rules"]
+    extra_rules = [r for r in rules if r != rule]
+    head = ["method", "rank-1", "rank-5", "rank-10", f"mAP ({rule})"] + [f"mAP ({r})" for r in extra_rules] \
+        + ["MAR steps", "wall time"]
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+    for row in result_rows(results).values():
+        m = row["metrics"][rule]
+        cells = [row["label"], *(_percent(m[k]) for k in METRIC_KEYS)]
+        cells += [_percent(row["metrics"][r]["mAP"]) for r in extra_rules]
+        cells += [str(row["steps"]) if row["steps"] is not None else "-", _seconds(row["wall_s"])]
+        lines.append(f"| {' | '.join(cells)} |")
+    pre = results["pretrain"]
+    pre_text = (f"given checkpoint {pre['checkpoint']}" if pre["status"] == "given"
+                else f"{pre['steps']} steps, {_seconds(pre.get('wall_s'))}")
+    notes = [
+        f"Backbone {results['backbone']}, input {results['input_size'][0]}x{results['input_size'][1]}, "
+        f"{results['distance']} distance, seed {results['seed']}, device {results['device']}.",
+        f"Auxiliary (labeled): {results['auxiliary']['root']} ({results['auxiliary']['format']}); "
+        f"target (unlabeled): {results['target']['root']} ({results['target']['format']}).",
+        f"Pretraining: {pre_text}. Ranks and mAP in % under the {rule} AP rule"
+        + (f"; mAP also under {', '.join(extra_rules)} (the rule of the paper's numbers)." if extra_rules else "."),
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def aggregate_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
+    """Mean and spread over seeds of every row's metrics, under every rule.
+
+    Returns ``{row: {"label", rule: {metric: {"mean", "std", "values"}}, "wall_s": {...}}}`` for
+    the rows present in every seed's results; ``std`` is the sample standard deviation
+    (ddof = 1), 0 for a single seed.
+    """
+    rows_per_seed = [result_rows(results) for results in per_seed.values()]
+    rules = next(iter(per_seed.values()))["rules"]
+    common = [row for row in rows_per_seed[0] if all(row in rows for rows in rows_per_seed)]
+
+    def stats(values: list[float]) -> dict:
+        array = np.asarray(values, dtype=np.float64)
+        std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+        return {"mean": float(array.mean()), "std": std, "values": [float(v) for v in array]}
+
+    out: dict[str, dict] = {}
+    for row in common:
+        entry: dict[str, Any] = {"label": rows_per_seed[0][row]["label"]}
+        for rule in rules:
+            entry[rule] = {key: stats([rows[row]["metrics"][rule][key] for rows in rows_per_seed])
+                           for key in METRIC_KEYS}
+        walls = [rows[row]["wall_s"] for rows in rows_per_seed]
+        entry["wall_s"] = stats(walls) if all(w is not None for w in walls) else None
+        out[row] = entry
+    return out
+
+
+def seeds_markdown(summary: dict[str, dict], seeds: Sequence[int], rule: str, rules: Sequence[str]) -> str:
+    """The seeds table: mean ± sample std over ``seeds`` of each row, in %."""
+    extra_rules = [r for r in rules if r != rule]
+    head = ["method", "rank-1", "rank-5", "rank-10", f"mAP ({rule})"] + [f"mAP ({r})" for r in extra_rules] \
+        + ["wall time (mean)"]
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+
+    def cell(stat: dict) -> str:
+        text = _percent(stat["mean"])
+        return text + f" ± {_percent(stat['std'])}" if len(stat["values"]) > 1 else text
+
+    for entry in summary.values():
+        cells = [entry["label"], *(cell(entry[rule][k]) for k in METRIC_KEYS)]
+        cells += [cell(entry[r]["mAP"]) for r in extra_rules]
+        cells.append(_seconds(entry["wall_s"]["mean"]) if entry["wall_s"] else "-")
+        lines.append(f"| {' | '.join(cells)} |")
+    note = (f"Mean ± sample standard deviation over seeds {', '.join(str(s) for s in seeds)} "
+            f"(each seed: its own data and training seed); % under the {rule} AP rule.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+__all__ = [
+    "ABLATION", "COMPARISON_RULE", "VARIANTS", "Pipeline", "aggregate_seeds", "evaluate_rules",
+    "evaluation_rules", "fingerprint", "parse_variants", "result_rows", "results_markdown", "run_pipeline",
+    "seeds_markdown", "stop_on_interrupt", "variant_config", "with_overrides",
+]
