@@ -315,7 +315,7 @@ def run_pretrain(cfg: Config, resume: bool = False, logger: RunLogger | None = N
     save_config(cfg, run_dir / "config.yaml")
     if screen.skipped:
         trainer.logger.log("skipped_images", screen.record)
-    trainer.logger.log("start", {"kind": "pretrain", "aux_images": len(aux), "num_agents": trainer.num_agents,
+    trainer.logger.log("start", {"run": "pretrain", "aux_images": len(aux), "num_agents": trainer.num_agents,
                                  "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
     stop = StopOnSignals(trainer).install()
     try:

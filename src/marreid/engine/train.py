@@ -225,7 +225,7 @@ def run_train(cfg: Config, resume: bool = False, logger: RunLogger | None = None
             trainer.load_pretrained(pretrained_path(cfg), trust=cfg.model.trust_checkpoint)
             trainer.initialize()
             trainer.save()
-        trainer.logger.log("start", {"kind": "mar", "aux_images": len(aux), "num_agents": trainer.num_agents,
+        trainer.logger.log("start", {"run": "mar", "aux_images": len(aux), "num_agents": trainer.num_agents,
                                      "target_images": trainer.num_target, "diagnostics": trainer.diagnostics,
                                      "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
         status = trainer.fit()
