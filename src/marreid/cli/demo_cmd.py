@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from marreid.cli.common import add_config_args, yaml_string
+from marreid.config import Config, config_from_dict
 from marreid.data.synthetic import SyntheticConfig, generate, read_params
 from marreid.errors import ConfigError, DatasetError
 
@@ -51,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--variants", metavar="V1,V2", help="MAR variants to train instead (default: mar, or the "
                         "ablation set); known: mar, no_cml, no_mdl, no_rj, hard_labels, no_ral, feature_mining")
     parser.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="run folder (default %(default)s)")
+    parser.add_argument("--threads", type=_count, default=1, metavar="N",
+                        help="CPU threads for torch (default 1: on a 2-core machine that is also running "
+                             "something else, two threads wait on each other and run several times slower)")
     add_config_args(parser, positional=False)
     parser.set_defaults(func=run)
 
@@ -105,25 +109,13 @@ def ensure_synthetic(folder: Path, config: SyntheticConfig) -> float:
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace) -> int:
-    from marreid.config import config_from_dict
-    from marreid.engine import pipeline
-
-    start = time.perf_counter()
-    ablation = args.ablation or args.mode == "ablation"
-    variants = pipeline.parse_variants(args.variants) if args.variants else \
-        list(pipeline.ABLATION if ablation else ("mar",))
-    config_path = Path(args.config) if args.config else default_config_path()
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+def seed_configs(config_path: Path, overrides: list[str], run_dir: Path, seeds: int
+                 ) -> list[tuple[int, Path, SyntheticConfig, Config]]:
+    """``(seed, data folder, generator config, run config)`` of every seed, all checked before
+    anything runs: seed S draws its data with seed S and trains with seed S."""
     base, synthetic, overrides = read_demo_config(config_path, overrides)
-    run_dir = Path(args.run_dir)
-
-    def echo(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    # Every seed's settings are checked before anything runs.
     plans = []
-    for seed in range(args.seeds):
+    for seed in range(seeds):
         data_dir = run_dir / "data" / f"seed_{seed}"
         generator = SyntheticConfig.from_dict({**synthetic, "seed": seed})
         cfg = config_from_dict(base, overrides + [
@@ -132,20 +124,45 @@ def run(args: argparse.Namespace) -> int:
             f"train.seed={seed}",
         ], where=str(config_path))
         plans.append((seed, data_dir, generator, cfg))
+    return plans
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from marreid.engine import pipeline
+
+    start = time.perf_counter()
+    ablation = args.ablation or args.mode == "ablation"
+    variants = pipeline.parse_variants(args.variants) if args.variants else \
+        list(pipeline.ABLATION if ablation else ("mar",))
+    config_path = Path(args.config) if args.config else default_config_path()
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    run_dir = Path(args.run_dir)
+    plans = seed_configs(config_path, overrides, run_dir, args.seeds)
+
+    def echo(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
     per_seed = {}
-    for seed, data_dir, generator, cfg in plans:
-        echo(f"== seed {seed}: synthetic data in {data_dir}")
-        seconds = ensure_synthetic(data_dir, generator)
-        echo(f"[data] generated in {seconds:.0f} s" if seconds else "[data] generated earlier: reused")
-        per_seed[seed] = pipeline.run_pipeline(cfg, run_dir / f"seed_{seed}", variants, echo=echo,
-                                               extra={"synthetic": generator.to_dict(), "generate_s": seconds},
-                                               data_version=generator.to_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for seed, data_dir, generator, cfg in plans:
+            echo(f"== seed {seed}: synthetic data in {data_dir}")
+            seconds = ensure_synthetic(data_dir, generator)
+            echo(f"[data] generated in {seconds:.0f} s" if seconds else "[data] generated earlier: reused")
+            per_seed[seed] = pipeline.run_pipeline(cfg, run_dir / f"seed_{seed}", variants, echo=echo,
+                                                   extra={"synthetic": generator.to_dict(), "generate_s": seconds},
+                                                   data_version=generator.to_dict())
+    finally:
+        torch.set_num_threads(threads)
     summary = pipeline.aggregate_seeds(per_seed)
-    first = next(iter(per_seed.values()))
+    first = per_seed[0]
     wall = time.perf_counter() - start
     report = {"seeds": list(per_seed), "variants": variants, "ap_rule": first["ap_rule"], "rules": first["rules"],
               "summary": summary, "runs": {seed: str(run_dir / f"seed_{seed}") for seed in per_seed},
-              "invocation_s": wall}
+              "threads": args.threads, "invocation_s": wall}
     (run_dir / pipeline.RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
     if len(per_seed) == 1:
         table = pipeline.results_markdown(first)

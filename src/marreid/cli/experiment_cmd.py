@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from marreid.cli.common import add_config_args
+from marreid.cli.common import add_config_args, resolved_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "variant from the same pretrained checkpoint, evaluated under the configured AP rule and "
                     "under mar-release. Re-running the command skips the finished stages and continues an "
                     "interrupted one from its checkpoint. Writes results.json and results.md to the run "
-                    "folder. Dataset roots are config options (data.aux_root, data.target_root).",
+                    "folder. Dataset roots are config options (data.aux_root, data.target_root); "
+                    "--set train.pretrained_checkpoint=CKPT starts from an existing pretraining instead.",
     )
     add_config_args(parser)
     parser.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<CONFIG's name>)")
@@ -29,16 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marreid.cli.common import resolved_config
-    from marreid.engine.pipeline import parse_variants, run_pipeline
+    from marreid.engine.pipeline import RESULTS_JSON, RESULTS_MD, parse_variants, run_pipeline
 
     variants = parse_variants(args.variants)
     cfg = resolved_config(args)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (Path(args.config).stem if args.config
-                                                                        else "experiment")
+    run_dir = Path(args.run_dir or Path("runs") / (Path(args.config).stem if args.config else "experiment"))
     start = time.perf_counter()
     run_pipeline(cfg, run_dir, variants, echo=lambda text: print(text, file=sys.stderr, flush=True))
-    print((run_dir / "results.md").read_text(), end="")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s; results: {run_dir / 'results.json'}, "
-          f"{run_dir / 'results.md'}")
+    print((run_dir / RESULTS_MD).read_text(), end="")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s; results: {run_dir / RESULTS_JSON}, {run_dir / RESULTS_MD}")
     return 0

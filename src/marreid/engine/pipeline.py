@@ -12,9 +12,12 @@ A stage whose ``result.json`` was computed from the same options (its
 *fingerprint*: the options that decide what it computes) is skipped; a stage
 whose folder holds a checkpoint of the same options continues from it; a
 stage left by other options is started again from scratch. ``stages.jsonl``
-records every decision. Evaluation extracts features once and scores them
-under the configured AP rule and under ``mar-release`` (the rule of the
-paper's numbers). ``results.json`` and ``results.md`` summarise the run.
+records every decision. Training goes through ``run_pretrain`` / ``run_train``,
+so their preflight checks and their stop on SIGINT / SIGTERM (finish the step,
+checkpoint) apply; a stopped stage is a TrainingError saying how to continue.
+Evaluation extracts features once and scores them under the configured AP
+rule and under ``mar-release`` (the rule of the paper's numbers).
+``results.json`` and ``results.md`` summarise the run.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,13 +35,19 @@ import torch
 
 from marreid import __version__
 from marreid.config import Config, config_from_dict, config_to_dict, load_config, save_config
-from marreid.data import ReidDataset, Sample
+from marreid.data import ReidDataset
 from marreid.engine.checkpoint import load_checkpoint
-from marreid.engine.extract import REPORTED_RANKS, eval_transform, extract_features, load_target, \
-    model_from_checkpoint, resolve_device
-from marreid.engine.logging import RunLogger
-from marreid.engine.pretrain import LAST, Pretrainer, SteppedTrainer, load_auxiliary
-from marreid.engine.train import MARTrainer
+from marreid.engine.extract import (
+    REPORTED_RANKS,
+    eval_transform,
+    extract_features,
+    load_target,
+    model_from_checkpoint,
+    resolve_device,
+)
+from marreid.engine.logging import read_log
+from marreid.engine.pretrain import LAST, run_pretrain
+from marreid.engine.train import run_train
 from marreid.errors import ConfigError, TrainingError
 from marreid.metrics.rank import evaluate_features
 
@@ -66,12 +73,13 @@ DIRECT_LABEL = "direct transfer"
 METRIC_KEYS = tuple(f"rank{r}" for r in REPORTED_RANKS) + ("mAP",)
 
 PRETRAIN_OPTIONS = ("data", "model", "pretrain", "train.seed", "train.deterministic")
-MAR_OPTIONS = ("data", "model", "pretrain", "mar", "optim", "train", "eval")
+MAR_OPTIONS = ("data", "model", "pretrain", "mar", "optim", "train")
 # How a stage runs, not what it computes: a change here neither skips nor restarts it.
 # The step caps are handled apart: raising a cap continues a capped stage.
-_RUN_ONLY = ("data.num_workers", "model.trust_checkpoint", "pretrain.max_steps", "train.pretrained_checkpoint",
-             "train.checkpoint_every_steps", "train.keep_epoch_checkpoints", "train.eval_every_epochs",
-             "train.max_steps", "train.device", "train.diagnostics", "train.progress", "eval.batch_size")
+_RUN_ONLY = ("data.num_workers", "data.verify_images", "model.trust_checkpoint", "pretrain.max_steps",
+             "train.pretrained_checkpoint", "train.checkpoint_every_steps", "train.keep_epoch_checkpoints",
+             "train.eval_every_epochs", "train.max_steps", "train.device", "train.diagnostics", "train.progress",
+             "train.channels_last", "eval.batch_size")
 
 
 def fingerprint(cfg: Config, options: Sequence[str]) -> dict:
@@ -129,8 +137,7 @@ def evaluation_rules(cfg: Config) -> list[str]:
     return list(dict.fromkeys([cfg.eval.ap_rule, COMPARISON_RULE]))
 
 
-def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device,
-                   progress: Callable | None = None) -> dict:
+def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, device: torch.device) -> dict:
     """Rank-1/5/10 and mAP of ``model`` on ``dataset`` under every rule of ``evaluation_rules``.
 
     Features are extracted once (eval transform, ``cfg.eval`` distance); returns
@@ -139,7 +146,7 @@ def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, de
     """
     start = time.perf_counter()
     common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,
-                  num_workers=cfg.data.num_workers, device=device, progress=progress)
+                  num_workers=cfg.data.num_workers, device=device)
     qf, q_pids, q_camids = extract_features(model, dataset.query, **common)
     gf, g_pids, g_camids = extract_features(model, dataset.gallery, **common)
     metrics, valid = {}, 0
@@ -183,25 +190,11 @@ def _upstream(pretrained: dict) -> dict:
     return {"options": pretrained["fingerprint"], "steps": pretrained.get("steps")}
 
 
-@contextlib.contextmanager
-def stop_on_interrupt(trainer: SteppedTrainer, echo: Callable[[str], None]) -> Iterator[None]:
-    """While training, a first Ctrl-C ends the run after the current step with a checkpoint;
-    a second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def request_stop(signum: int, frame: Any) -> None:
-        trainer.stop_requested = True
-        echo("interrupted: stopping after this step with a checkpoint (Ctrl-C again to abort now)")
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+def throughput(log_path: Path) -> float | None:
+    """Training images per second over every step a run's ``log.jsonl`` records, all attempts
+    together: the harmonic mean of the per-step rates (every step has the same batch)."""
+    rates = [r["images_per_s"] for r in read_log(log_path, "step") if r.get("images_per_s")]
+    return len(rates) / sum(1.0 / r for r in rates) if rates else None
 
 
 class Pipeline:
@@ -226,20 +219,13 @@ class Pipeline:
                  echo: Callable[[str], None] = print, data_version: Any = None) -> None:
         self.cfg = cfg
         self.data_version = data_version
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).absolute()
         self.variant_configs = {name: variant_config(cfg, name) for name in variants}
         self.echo = echo
         self.device = resolve_device(cfg.train.device)
-        self._aux: list[Sample] | None = None
         self._target: ReidDataset | None = None
 
-    # data, loaded once and only when a stage needs it -------------------------------
-    @property
-    def aux(self) -> list[Sample]:
-        if self._aux is None:
-            self._aux = load_auxiliary(self.cfg)
-        return self._aux
-
+    # the target's query / gallery, loaded once and only when an evaluation needs them
     @property
     def target(self) -> ReidDataset:
         if self._target is None:
@@ -298,20 +284,12 @@ class Pipeline:
         finally:
             _write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before + time.perf_counter() - start})
 
-    def _train(self, stage: str, trainer: SteppedTrainer, images_per_step: int) -> dict:
-        """``trainer.fit()`` under the Ctrl-C guard; its status, steps and throughput."""
-        first = trainer.step
-        start = time.perf_counter()
-        with stop_on_interrupt(trainer, self.echo):
-            status = trainer.fit()
-        seconds = time.perf_counter() - start
-        if status == "stopped":
-            self.log(stage, "stopped", step=trainer.step)
-            raise TrainingError(f"stage {stage} stopped at step {trainer.step}, checkpoint {trainer.checkpoint_path} "
+    def _stopped(self, stage: str, run: dict) -> None:
+        """TrainingError when a stop signal ended the stage before its end (checkpoint kept)."""
+        if run["status"] == "stopped":
+            self.log(stage, "stopped", step=run["steps"])
+            raise TrainingError(f"stage {stage} stopped at step {run['steps']}, checkpoint {run['checkpoint']} "
                                 f"kept: run the same command again to continue")
-        steps = trainer.step - first
-        return {"status": status, "steps": trainer.step, "train_s": seconds,
-                "images_per_s": steps * images_per_step / seconds if steps and seconds > 0 else None}
 
     # stages -------------------------------------------------------------------------
     def pretrain(self) -> dict:
@@ -327,24 +305,18 @@ class Pipeline:
         fp = fingerprint(cfg, PRETRAIN_OPTIONS)
         if self.data_version is not None:
             fp["data_version"] = self.data_version
-        result = self._finished("pretrain", folder, fp, lambda r: _capped_done(r, cfg.pretrain.max_steps))
+        result = self._finished("pretrain", folder, fp, lambda r: _capped_done(r, cfg.pretrain.max_steps)
+                                and Path(r["checkpoint"]).is_file())
         if result is not None:
             return result
         resume = self._can_resume("pretrain", folder, fp, PRETRAIN_OPTIONS)
-        with self._attempt(folder, fp) as elapsed, RunLogger(folder, enabled=cfg.train.progress) as logger:
-            trainer = Pretrainer(cfg, self.aux, folder, logger)
-            save_config(cfg, folder / "config.yaml")
-            if resume:
-                trainer.resume(trust=cfg.model.trust_checkpoint)
-            total = trainer.epochs * trainer.batches.steps_per_epoch
-            self.log("pretrain", "resume" if resume else "start", step=trainer.step, steps=total)
-            self.echo(f"[pretrain] {'continuing at step ' + str(trainer.step) if resume else 'starting'}: "
-                      f"{total} steps, {len(self.aux)} auxiliary images, {trainer.num_agents} identities")
-            logger.log("start", {"kind": "pretrain", "aux_images": len(self.aux), "num_agents": trainer.num_agents,
-                                 "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
-            run = self._train("pretrain", trainer, cfg.pretrain.batch_size)
-            result = {**run, "checkpoint": str(trainer.checkpoint_path), "num_agents": trainer.num_agents,
-                      "aux_images": len(self.aux), "wall_s": elapsed(), "fingerprint": fp}
+        self._announce("pretrain", resume)
+        with self._attempt(folder, fp) as elapsed:
+            run = run_pretrain(cfg, resume=resume)
+        self._stopped("pretrain", run)
+        result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],
+                  "num_agents": run["num_agents"], "images_per_s": throughput(folder / "log.jsonl"),
+                  "wall_s": elapsed(), "fingerprint": fp}
         _write_json(folder / RESULT_FILE, result)
         self.log("pretrain", "done", step=result["steps"], status=result["status"])
         return result
@@ -352,18 +324,15 @@ class Pipeline:
     def direct(self, pretrained: dict) -> dict:
         """The pretrained checkpoint evaluated on the target: direct transfer."""
         folder = self.run_dir / "direct"
-        fp = {"pretrained": _upstream(pretrained), "eval": fingerprint(self.cfg, ("eval",))["eval"]}
+        fp = {"pretrained": _upstream(pretrained), **fingerprint(self.cfg, ("eval",))}
         result = self._finished("direct", folder, fp, lambda r: True)
         if result is not None:
             return result
-        self.log("direct", "start")
-        self.echo("[direct] evaluating the pretrained model on the target")
+        self._announce("direct", False)
         start = time.perf_counter()
-        path = pretrained["checkpoint"]
-        model = model_from_checkpoint(load_checkpoint(path, trust=self.cfg.model.trust_checkpoint), path, self.cfg)
-        scores = evaluate_rules(model.to(self.device), self.target, self.cfg, self.device)
-        result = {"status": "done", "checkpoint": path, **scores, "wall_s": time.perf_counter() - start,
-                  "fingerprint": fp}
+        scores = self._evaluate(pretrained["checkpoint"], self.cfg)
+        result = {"status": "done", "checkpoint": pretrained["checkpoint"], **scores,
+                  "wall_s": time.perf_counter() - start, "fingerprint": fp}
         _write_json(folder / RESULT_FILE, result)
         self.log("direct", "done")
         return result
@@ -374,36 +343,35 @@ class Pipeline:
         folder = self.run_dir / "mar" / name
         cfg = with_overrides(self.variant_configs[name], {"output.run_dir": str(folder),
                                                           "train.pretrained_checkpoint": pretrained["checkpoint"]})
-        fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, MAR_OPTIONS)}
+        # A change of evaluation options alone re-evaluates the trained model without retraining it.
+        train_fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, MAR_OPTIONS)}
+        fp = {**train_fp, **fingerprint(cfg, ("eval",))}
         result = self._finished(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps))
         if result is not None:
             return result
-        resume = self._can_resume(stage, folder, fp)
-        with self._attempt(folder, fp) as elapsed, RunLogger(folder, enabled=cfg.train.progress) as logger:
-            trainer = MARTrainer(cfg, self.aux, self.target, folder, logger)
-            save_config(cfg, folder / "config.yaml")
-            if resume:
-                trainer.resume(trust=cfg.model.trust_checkpoint)
-            else:
-                trainer.load_pretrained(pretrained["checkpoint"], trust=cfg.model.trust_checkpoint)
-                trainer.initialize()
-                trainer.save()
-            total = trainer.epochs * trainer.batches.steps_per_epoch
-            self.log(stage, "resume" if resume else "start", step=trainer.step, steps=total)
-            self.echo(f"[{stage}] {'continuing at step ' + str(trainer.step) if resume else 'starting'}: "
-                      f"{total} steps, {trainer.num_target} target images")
-            logger.log("start", {"kind": "mar", "variant": name, "aux_images": len(self.aux),
-                                 "num_agents": trainer.num_agents, "target_images": trainer.num_target,
-                                 "diagnostics": trainer.diagnostics, "resumed_at": trainer.step,
-                                 "steps_per_epoch": trainer.batches.steps_per_epoch})
-            run = self._train(stage, trainer, cfg.train.aux_batch + cfg.train.target_batch)
-            scores = evaluate_rules(trainer.model, self.target, cfg, self.device)
-            logger.log("eval", {**scores["metrics"][cfg.eval.ap_rule], "ap_rule": cfg.eval.ap_rule}, step=trainer.step)
-            result = {**run, "checkpoint": str(trainer.checkpoint_path), **scores, "overrides": VARIANTS[name][0],
-                      "wall_s": elapsed(), "fingerprint": fp}
+        resume = self._can_resume(stage, folder, train_fp)
+        self._announce(stage, resume)
+        with self._attempt(folder, train_fp) as elapsed:
+            run = run_train(cfg, resume=resume)
+            self._stopped(stage, run)
+            scores = self._evaluate(run["checkpoint"], cfg)
+        result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],
+                  "images_per_s": throughput(folder / "log.jsonl"), **scores, "overrides": VARIANTS[name][0],
+                  "wall_s": elapsed(), "fingerprint": fp}
         _write_json(folder / RESULT_FILE, result)
         self.log(stage, "done", step=result["steps"], status=result["status"])
         return result
+
+    def _announce(self, stage: str, resume: bool) -> None:
+        self.log(stage, "resume" if resume else "start")
+        what = "evaluating" if stage == "direct" else "continuing from its checkpoint" if resume else "starting"
+        self.echo(f"[{stage}] {what}")
+
+    def _evaluate(self, checkpoint: str, cfg: Config) -> dict:
+        """``evaluate_rules`` of the model a checkpoint holds, on the target."""
+        state = load_checkpoint(checkpoint, trust=cfg.model.trust_checkpoint)
+        model = model_from_checkpoint(state, checkpoint, cfg).to(self.device)
+        return evaluate_rules(model, self.target, cfg, self.device)
 
     def run(self, extra: dict | None = None) -> dict:
         """Every stage in order; writes and returns ``results.json`` (``extra`` merged in) and ``results.md``."""
@@ -552,5 +520,5 @@ def seeds_markdown(summary: dict[str, dict], seeds: Sequence[int], rule: str, ru
 __all__ = [
     "ABLATION", "COMPARISON_RULE", "VARIANTS", "Pipeline", "aggregate_seeds", "evaluate_rules",
     "evaluation_rules", "fingerprint", "parse_variants", "result_rows", "results_markdown", "run_pipeline",
-    "seeds_markdown", "stop_on_interrupt", "variant_config", "with_overrides",
+    "seeds_markdown", "throughput", "variant_config", "with_overrides",
 ]
