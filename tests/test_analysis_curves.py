@@ -17,7 +17,7 @@ from marreid.errors import DatasetError
 
 def write_log(run_dir) -> list[tuple[str, dict, int]]:
     """A run that stopped after step 3, resumed from step 2's checkpoint and ran to step 4."""
-    entries = [("start", {"kind": "mar", "aux_images": 10}, None)]
+    entries = [("start", {"run": "mar", "aux_images": 10}, None)]
     for step in range(4):
         entries.append(("step", {"epoch": 0, "lr": 0.01, "loss": 1.0 + step, "al": 0.5 * step, "mined": 3,
                                  "positives": 1, "negatives": 2, "threshold": 0.9, "cml_cam0": 0.25 * step}, step))
