@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, print_metrics
+from marreid.cli.common import add_config_args, checkpoint_config, print_metrics
 from marreid.config import AP_RULES
 
 
@@ -30,22 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marreid.config import config_from_dict, load_config
-    from marreid.engine.checkpoint import load_checkpoint
     from marreid.engine.extract import evaluate_model, load_target, model_from_checkpoint, resolve_device
 
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f"train.device={args.device}")
     if args.ap_rule:
-        overrides.append(f"eval.ap_rule={args.ap_rule}")
-    if args.trust_checkpoint:
-        overrides.append("model.trust_checkpoint=true")
-    state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    if args.config or "config" not in state:
-        cfg = load_config(args.config, overrides)
-    else:
-        cfg = config_from_dict(state["config"], overrides, where=f"{args.checkpoint} (its configuration)")
+        args.overrides = [*args.overrides, f"eval.ap_rule={args.ap_rule}"]
+    cfg, state = checkpoint_config(args, args.checkpoint)
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
     if args.dataset_root:

@@ -36,19 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from marreid.config import config_from_dict, load_config
+    from marreid.cli.common import checkpoint_config
     from marreid.data import Sample
     from marreid.data.sample import is_image
-    from marreid.engine.checkpoint import load_checkpoint
     from marreid.engine.extract import eval_transform, extract_features, load_target, model_from_checkpoint, resolve_device
     from marreid.errors import DatasetError
 
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    if args.config or "config" not in state:
-        cfg = load_config(args.config, overrides)
-    else:
-        cfg = config_from_dict(state["config"], overrides, where=f"{args.checkpoint} (its configuration)")
+    cfg, state = checkpoint_config(args, args.checkpoint)
     if args.images:
         folder = Path(args.images)
         if not folder.is_dir():
