@@ -44,13 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"marreid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"marreid.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"marreid.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"marreid.cli.{name}").register(sub)
     return parser
 
 
