@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, checkpoint_config, resolved_config, yaml_string
+from marreid.cli.common import (add_config_args, add_trust_arg, checkpoint_config, resolved_config,
+                                yaml_string)
 from marreid.config import SPLITS
 
 
@@ -32,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ln.add_argument("--bins", type=int, default=100, help="histogram bins (default: 100)")
     ln.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     add_config_args(ln, positional=False)
-    ln.add_argument("--trust-checkpoint", action="store_true",
-                    help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(ln)
     ln.set_defaults(func=run_lognormal)
 
     sw = sub.add_parser(

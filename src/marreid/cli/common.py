@@ -23,6 +23,12 @@ def add_config_args(parser: argparse.ArgumentParser, positional: bool = True) ->
     parser.add_argument("--device", choices=DEVICES, help="override train.device")
 
 
+def add_trust_arg(parser: argparse.ArgumentParser, what: str = "checkpoints") -> None:
+    """``--trust-checkpoint``: the one way past ``torch.load(weights_only=True)``."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help=f"allow {what} that need arbitrary unpickling (only for files you trust)")
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """``--run-dir``, ``--resume`` and ``--skip-bad-images``."""
     parser.add_argument("--run-dir", metavar="DIR", help="where the run's files go (overrides the config)")
@@ -105,5 +111,5 @@ def checkpoint_config(args: argparse.Namespace, checkpoint: str) -> tuple[Config
     return config_from_dict(state["config"], overrides, where=f"{checkpoint} (its configuration)"), state
 
 
-__all__ = ["add_config_args", "add_run_args", "resolved_config", "yaml_string", "print_metrics",
+__all__ = ["add_config_args", "add_run_args", "add_trust_arg", "resolved_config", "yaml_string", "print_metrics",
            "checkpoint_config", "stopped_by_signal"]

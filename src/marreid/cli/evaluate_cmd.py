@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, checkpoint_config, print_metrics
+from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, print_metrics
 from marreid.config import AP_RULES
 
 
@@ -24,8 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset-root", metavar="R", help="dataset to evaluate on (default: the target)")
     parser.add_argument("--ap-rule", choices=AP_RULES, help="how AP is computed (default: eval.ap_rule, plain)")
     parser.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser)
     parser.set_defaults(func=run)
 
 

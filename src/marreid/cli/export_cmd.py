@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marreid.cli.common import add_config_args
+from marreid.cli.common import add_config_args, add_trust_arg
 
 # onnxruntime and PyTorch agree to about 1e-6 on L2-normalised features; more is a broken export.
 CHECK_TOLERANCE = 1e-4
@@ -26,8 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, metavar="W", help="input width in pixels")
     parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset version (default: 17)")
     add_config_args(parser, positional=False)
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser)
     parser.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args
+from marreid.cli.common import add_config_args, add_trust_arg
 from marreid.config import SPLITS
 
 
@@ -28,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset-root", metavar="R", help="the dataset that --split refers to")
     parser.add_argument("--out", metavar="FEATS.npz", required=True, help="where to write the features")
     add_config_args(parser, positional=False)
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser)
     parser.set_defaults(func=run)
 
 

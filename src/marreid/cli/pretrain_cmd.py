@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from marreid.cli.common import add_config_args, add_run_args, resolved_config, stopped_by_signal
+from marreid.cli.common import add_config_args, add_run_args, add_trust_arg, resolved_config, stopped_by_signal
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_args(parser)
     add_run_args(parser)
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a model.pretrained file that needs arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser, "model.pretrained files")
     parser.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, checkpoint_config
+from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tile size in pixels (default: 128 64)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     add_config_args(parser, positional=False)
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser)
     parser.set_defaults(func=run)
 
 

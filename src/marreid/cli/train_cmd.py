@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from marreid.cli.common import (add_config_args, add_run_args, print_metrics, resolved_config, stopped_by_signal,
-                                yaml_string)
+from marreid.cli.common import (add_config_args, add_run_args, add_trust_arg, print_metrics, resolved_config,
+                                stopped_by_signal, yaml_string)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pretrained", metavar="CKPT",
                         help="the pretrain checkpoint whose classifier rows become the agents "
                              "(default: train.pretrained_checkpoint, else output.pretrain_dir/last.pt)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(parser)
     parser.set_defaults(func=run)
 
 

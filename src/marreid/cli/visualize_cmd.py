@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, checkpoint_config
+from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tile size in pixels (default: 128 64)")
     ranks.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
     add_config_args(ranks, positional=False)
-    ranks.add_argument("--trust-checkpoint", action="store_true",
-                       help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    add_trust_arg(ranks)
     ranks.set_defaults(func=run_ranks)
 
     curves = sub.add_parser(
