@@ -17,8 +17,8 @@ from marreid.data import Sample
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import load_target
 from marreid.engine.logging import RunLogger, read_log
-from marreid.engine.pretrain import load_auxiliary
-from marreid.engine.train import MARTrainer
+from marreid.engine.pretrain import load_auxiliary, run_pretrain
+from marreid.engine.train import MARTrainer, run_train
 from marreid.errors import TrainingError
 
 STEPS_PER_EPOCH = 3  # 6 ids x 4 images = 24 auxiliary images, batches of 8
@@ -181,3 +181,27 @@ def test_evaluate_writes_metrics(trees, tmp_path):
     assert 0.0 <= metrics["mAP"] <= 1.0 and metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"] <= 1.0
     assert metrics["num_query"] == 6 and metrics["ap_rule"] == "plain"
     assert read_log(tmp_path / "log.jsonl", "eval")[0]["mAP"] == metrics["mAP"]
+
+
+def test_initialize_skips_the_target_pass_when_no_term_needs_it(trees, tmp_path, monkeypatch):
+    cfg = config(trees, tmp_path, "mar.use_cml=false", "mar.use_mdl=false")
+    run = trainer(cfg)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the target was read")
+
+    monkeypatch.setattr("marreid.engine.train.plain_loader", no_pass)
+    run.initialize()
+    assert not bool(run.loss.stats.initialized) and not bool(run.loss.threshold.initialized)
+    assert run.fit() == "done"
+
+
+def test_run_train_without_evaluation_writes_no_metrics(trees, tmp_path):
+    pretrain_dir = tmp_path / "pretrain"
+    cfg = config(trees, tmp_path / "mar", "optim.epochs=1", "pretrain.epochs=1", "pretrain.batch_size=8",
+                 f"output.pretrain_dir={pretrain_dir}")
+    run_pretrain(cfg)
+    result = run_train(cfg, evaluate=False)
+    assert result["status"] == "done" and result["metrics"] is None
+    assert not (tmp_path / "mar" / "metrics.json").exists()
+    assert read_log(tmp_path / "mar" / "log.jsonl", "eval") == []

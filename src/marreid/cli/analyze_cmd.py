@@ -1,4 +1,5 @@
-"""``marreid analyze``: the supplementary analyses, ``lognormal`` (Fig. S1) and ``sweep`` (Fig. S2)."""
+"""``marreid analyze``: the supplementary analyses, ``lognormal`` (Fig. S1) and ``sweep`` (Fig. S2), and the
+diagnostics ``mining`` (L_MDL's mining over the whole target set) and ``gradients`` (each term's gradient share)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from marreid.config import SPLITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("analyze", help="the paper's supplementary analyses (Fig. S1, Fig. S2)",
-                                   description="Supplementary analyses: lognormal (Fig. S1), sweep (Fig. S2).")
+    parser = subparsers.add_parser("analyze", help="the paper's supplementary analyses (Fig. S1, Fig. S2), diagnostics",
+                                   description="Supplementary analyses: lognormal (Fig. S1), sweep (Fig. S2); "
+                                               "diagnostics: mining, gradients.")
     sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
 
     ln = sub.add_parser(
@@ -51,6 +53,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.add_argument("--pretrained", metavar="CKPT", help="start every run from this pretrain checkpoint")
     sw.add_argument("--out", metavar="DIR", help="output folder")
     sw.set_defaults(func=run_sweep)
+
+    mi = sub.add_parser(
+        "mining",
+        help="diagnostic: L_MDL's mining rule over every pair of the target's training images",
+        description="Takes the p*M closest pairs (by feature distance) over the whole target training set, "
+                    "all pairs and cross-camera pairs only, and scores them with the true identities read from "
+                    "the file names (for reporting only): same-person share, same-camera share, positives above "
+                    "T and their precision, and the AUC of agreement and of feature distance. Writes mining.json "
+                    "to --out (default: the checkpoint's folder).",
+    )
+    mi.add_argument("checkpoint", metavar="CHECKPOINT", help="a marreid pretrain or MAR checkpoint")
+    mi.add_argument("--threshold", type=float, metavar="T",
+                    help="agreement threshold (default: the MAR checkpoint's T, else the top-p quantile of all pairs)")
+    mi.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    add_config_args(mi, positional=False)
+    add_trust_arg(mi)
+    mi.set_defaults(func=run_mining)
+
+    gr = sub.add_parser(
+        "gradients",
+        help="diagnostic: each term of Eq. 10 as a share of the backbone gradient",
+        description="Loads a MAR checkpoint (its loss state) or a pretrain checkpoint (then initialises the loss "
+                    "state on the target), takes --batches training batches and prints, per weighted term, the "
+                    "gradient norm, its fraction of the total gradient along the total's direction (the fractions "
+                    "sum to 1) and its cosine with the total. Writes gradients.json to --out.",
+    )
+    gr.add_argument("checkpoint", metavar="CHECKPOINT", help="a marreid pretrain or MAR checkpoint")
+    gr.add_argument("--batches", type=int, default=3, help="how many training batches to average over (default: 3)")
+    gr.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    add_config_args(gr, positional=False)
+    add_trust_arg(gr)
+    gr.set_defaults(func=run_gradients)
 
 
 def run_lognormal(args: argparse.Namespace) -> int:
@@ -95,4 +129,87 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{row['value']:>14g} {100 * row['rank1']:>7.1f} {100 * row['rank5']:>7.1f} "
               f"{100 * row['mAP']:>7.1f}  {row['run_dir']}")
     print(f"AP rule: {rows[0]['ap_rule']}; wrote {files['png']} and {files['csv']}")
+    return 0
+
+
+def run_mining(args: argparse.Namespace) -> int:
+    from marreid.analysis.mining import collect_features, mining_report, write_mining_report
+    from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, resolve_device
+    from marreid.errors import CheckpointError
+
+    cfg, state = checkpoint_config(args, args.checkpoint)
+    if "kind" not in state:
+        raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint, so it has no reference agents")
+    threshold = args.threshold
+    loss_state = state.get("loss") or {}
+    if threshold is None and bool(loss_state.get("threshold.initialized", False)):
+        threshold = float(loss_state["threshold.threshold"])
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
+    target = load_target(cfg)
+    feat, y = collect_features(model, target.train, eval_transform(cfg), cfg.eval.batch_size,
+                               cfg.data.num_workers, device)
+    report = mining_report(feat, y, [s.pid for s in target.train], [s.camid for s in target.train],
+                           cfg.mar.mining_ratio, threshold)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    path = write_mining_report(report, out, {"checkpoint": str(args.checkpoint), "dataset": str(target.root)})
+    print(f"{report['images']} images, {report['pairs']} pairs, same-person base rate {100 * report['base_rate']:.3f}%, "
+          f"T = {report['threshold']:.4f}")
+    print(f"{'mining':<20} {'pairs':>8} {'same-id':>8} {'same-cam':>9} {'pos':>7} {'pos same-id':>12} "
+          f"{'AUC agree':>10} {'AUC feat':>9}")
+    for name in ("mined", "mined_cross_camera"):
+        r = report[name]
+        pos = "-" if r["positive_precision"] is None else f"{100 * r['positive_precision']:.1f}%"
+        aucs = ["-" if r[k] is None else f"{r[k]:.3f}" for k in ("agreement_auc", "feature_auc")]
+        print(f"{name:<20} {r['count']:>8} {100 * r['precision']:>7.1f}% {100 * r['same_camera']:>8.1f}% "
+              f"{r['positives']:>7} {pos:>12} {aucs[0]:>10} {aucs[1]:>9}")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_gradients(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from marreid.analysis.gradients import gradient_shares, term_gradients
+    from marreid.engine.pretrain import load_auxiliary
+    from marreid.engine.extract import load_target
+    from marreid.engine.train import MARTrainer
+    from marreid.errors import CheckpointError, ConfigError
+
+    if args.batches < 1:
+        raise ConfigError(f"--batches must be at least 1, not {args.batches}")
+    cfg, state = checkpoint_config(args, args.checkpoint)
+    if "kind" not in state:
+        raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint")
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), scratch)
+        if state["kind"] == "mar":
+            trainer.model.load_state_dict(state["model"])
+            trainer.load_extra_state(state)
+        else:
+            trainer.load_pretrained(args.checkpoint, trust=cfg.model.trust_checkpoint)
+            trainer.initialize()
+        trainer.model.train()
+        epoch = cfg.mar.mdl_start_epoch
+        per_batch = []
+        for _, aux, tgt in trainer.batches.iterate(epoch):
+            grads = term_gradients(trainer.model, trainer.loss, aux[0].to(trainer.device), aux[1].to(trainer.device),
+                                   tgt[0].to(trainer.device), tgt[2].to(trainer.device), tgt[3].to(trainer.device))
+            per_batch.append(gradient_shares(grads))
+            if len(per_batch) == args.batches:
+                break
+        trainer.logger.close()
+    names = list(per_batch[0])
+    mean = {name: {key: sum(b[name][key] for b in per_batch) / len(per_batch) for key in per_batch[0][name]}
+            for name in names}
+    print(f"{'term':<6} {'|grad|':>10} {'along total':>12} {'cosine':>8}   (mean of {len(per_batch)} batches)")
+    for name in names:
+        m = mean[name]
+        print(f"{name:<6} {m['norm']:>10.4g} {m['along_total']:>12.3f} {m['cosine']:>8.3f}")
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gradients.json"
+    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), "batches": per_batch, "mean": mean}, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0

@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "hard_labels": ({"mar.hard_labels": True}, "MAR with hard labels"),
     "no_ral": ({"mar.use_al": False, "mar.use_rj": False}, "MAR without L_RAL"),
     "feature_mining": ({"mar.positives": "feature"}, "feature-similarity mining"),
+    "al_only": ({"mar.use_cml": False, "mar.use_mdl": False, "mar.use_rj": False},
+                "control: L_AL only, no target loss"),
 }
 ABLATION = ("mar", "no_cml", "no_mdl", "no_rj", "hard_labels")
 DIRECT_LABEL = "direct transfer"
@@ -352,7 +354,7 @@ class Pipeline:
         resume = self._can_resume(stage, folder, train_fp)
         self._announce(stage, resume)
         with self._attempt(folder, train_fp) as elapsed:
-            run = run_train(cfg, resume=resume)
+            run = run_train(cfg, resume=resume, evaluate=False)
             self._stopped(stage, run)
             scores = self._evaluate(run["checkpoint"], cfg)
         result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],

@@ -124,7 +124,10 @@ class MARTrainer(SteppedTrainer):
     @torch.no_grad()
     def initialize(self) -> None:
         """Set L_CML's mu / sigma and L_MDL's threshold T from every target training image
-        (eval mode, test transform), via ``MARLoss.initialize``."""
+        (eval mode, test transform), via ``MARLoss.initialize``; nothing to do when neither
+        L_CML nor agreement mining is on."""
+        if not (self.loss.use_cml or self.loss.uses_agreement):
+            return
         self.model.eval()
         loader = plain_loader(self.target.train, eval_transform(self.cfg), self.cfg.eval.batch_size,
                               self.cfg.data.num_workers)
@@ -194,12 +197,13 @@ class MARTrainer(SteppedTrainer):
             self.evaluate()
 
 
-def run_train(cfg: Config, resume: bool = False, logger: RunLogger | None = None) -> dict:
+def run_train(cfg: Config, resume: bool = False, logger: RunLogger | None = None, evaluate: bool = True) -> dict:
     """MAR training into ``cfg.output.run_dir``.
 
     A fresh run loads the pretrained agents, initialises the loss state and
     checkpoints step 0; ``resume`` continues from ``run_dir/last.pt``. The
-    target's query / gallery are evaluated at the end unless the run was stopped.
+    target's query / gallery are evaluated at the end unless the run was stopped
+    or ``evaluate`` is False (a caller that scores the checkpoint itself).
     The preflight checks (``engine.preflight``) run first; SIGINT / SIGTERM stop the
     run with a checkpoint. Returns ``{"status", "checkpoint", "steps", "metrics",
     "signal"}`` (metrics None when stopped; signal the stopping signal's number or None).
@@ -229,7 +233,7 @@ def run_train(cfg: Config, resume: bool = False, logger: RunLogger | None = None
                                      "target_images": trainer.num_target, "diagnostics": trainer.diagnostics,
                                      "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
         status = trainer.fit()
-        metrics = trainer.evaluate() if status != "stopped" else None
+        metrics = trainer.evaluate() if evaluate and status != "stopped" else None
     finally:
         stop.restore()
         if logger is None:
