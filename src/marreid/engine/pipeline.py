@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "no_rj": ({"mar.use_rj": False}, "MAR without L_RJ"),
     "hard_labels": ({"mar.hard_labels": True}, "MAR with hard labels"),
     "no_ral": ({"mar.use_al": False, "mar.use_rj": False}, "MAR without L_RAL"),
+    "no_cml_ral": ({"mar.use_cml": False, "mar.use_al": False, "mar.use_rj": False}, "MAR without L_CML and L_RAL"),
     "feature_mining": ({"mar.positives": "feature"}, "feature-similarity mining"),
     "al_only": ({"mar.use_cml": False, "mar.use_mdl": False, "mar.use_rj": False},
                 "control: L_AL only, no target loss"),
