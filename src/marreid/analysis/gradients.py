@@ -9,8 +9,14 @@ total gradient G along its own direction, and these fractions sum to one.
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import torch
 
+from marreid.config import Config
+from marreid.errors import CheckpointError, ConfigError
 from marreid.losses import MARLoss
 
 Tensor = torch.Tensor
@@ -67,3 +73,52 @@ def gradient_shares(grads: dict[str, Tensor]) -> dict[str, dict[str, float]]:
                      "along_total": dot / total_sq if total_sq > 0 else 0.0,
                      "cosine": dot / (norm * total_sq ** 0.5) if norm > 0 and total_sq > 0 else 0.0}
     return out
+
+
+def checkpoint_gradient_shares(cfg: Config, state: dict, checkpoint: str | Path, batches: int) -> dict:
+    """``gradient_shares`` of the first ``batches`` training batches of epoch ``mar.mdl_start_epoch``.
+
+    ``state`` is the loaded ``checkpoint``: a MAR checkpoint brings its loss state
+    (memory, T, statistics); a pretrain checkpoint gets it from one pass over the
+    target, as a fresh MAR run would. Returns ``{"batches": [per batch], "mean": {term: {...}}}``.
+    """
+    from marreid.engine.extract import load_target
+    from marreid.engine.pretrain import load_auxiliary
+    from marreid.engine.train import MARTrainer
+
+    if batches < 1:
+        raise ConfigError(f"--batches must be at least 1, not {batches}")
+    if "kind" not in state:
+        raise CheckpointError(f"{checkpoint}: not a marreid checkpoint")
+    per_batch = []
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), scratch)
+        try:
+            if state["kind"] == "mar":
+                trainer.model.load_state_dict(state["model"])
+                trainer.load_extra_state(state)
+            else:
+                trainer.load_pretrained(checkpoint, trust=cfg.model.trust_checkpoint)
+                trainer.initialize()
+            trainer.model.train()
+            dev = trainer.device
+            for _, aux, tgt in trainer.batches.iterate(cfg.mar.mdl_start_epoch):
+                grads = term_gradients(trainer.model, trainer.loss, aux[0].to(dev), aux[1].to(dev),
+                                       tgt[0].to(dev), tgt[2].to(dev), tgt[3].to(dev))
+                per_batch.append(gradient_shares(grads))
+                if len(per_batch) == batches:
+                    break
+        finally:
+            trainer.logger.close()
+    mean = {name: {key: sum(b[name][key] for b in per_batch) / len(per_batch) for key in per_batch[0][name]}
+            for name in per_batch[0]}
+    return {"batches": per_batch, "mean": mean}
+
+
+def write_gradient_report(report: dict, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """``gradients.json`` in ``out_dir``: ``meta`` plus the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gradients.json"
+    path.write_text(json.dumps({**(meta or {}), **report}, indent=2) + "\n")
+    return path

@@ -168,48 +168,15 @@ def run_mining(args: argparse.Namespace) -> int:
 
 
 def run_gradients(args: argparse.Namespace) -> int:
-    import json
-    import tempfile
+    from marreid.analysis.gradients import checkpoint_gradient_shares, write_gradient_report
 
-    from marreid.analysis.gradients import gradient_shares, term_gradients
-    from marreid.engine.pretrain import load_auxiliary
-    from marreid.engine.extract import load_target
-    from marreid.engine.train import MARTrainer
-    from marreid.errors import CheckpointError, ConfigError
-
-    if args.batches < 1:
-        raise ConfigError(f"--batches must be at least 1, not {args.batches}")
     cfg, state = checkpoint_config(args, args.checkpoint)
-    if "kind" not in state:
-        raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint")
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), scratch)
-        if state["kind"] == "mar":
-            trainer.model.load_state_dict(state["model"])
-            trainer.load_extra_state(state)
-        else:
-            trainer.load_pretrained(args.checkpoint, trust=cfg.model.trust_checkpoint)
-            trainer.initialize()
-        trainer.model.train()
-        epoch = cfg.mar.mdl_start_epoch
-        per_batch = []
-        for _, aux, tgt in trainer.batches.iterate(epoch):
-            grads = term_gradients(trainer.model, trainer.loss, aux[0].to(trainer.device), aux[1].to(trainer.device),
-                                   tgt[0].to(trainer.device), tgt[2].to(trainer.device), tgt[3].to(trainer.device))
-            per_batch.append(gradient_shares(grads))
-            if len(per_batch) == args.batches:
-                break
-        trainer.logger.close()
-    names = list(per_batch[0])
-    mean = {name: {key: sum(b[name][key] for b in per_batch) / len(per_batch) for key in per_batch[0][name]}
-            for name in names}
-    print(f"{'term':<6} {'|grad|':>10} {'along total':>12} {'cosine':>8}   (mean of {len(per_batch)} batches)")
-    for name in names:
-        m = mean[name]
+    report = checkpoint_gradient_shares(cfg, state, args.checkpoint, args.batches)
+    print(f"{'term':<6} {'|grad|':>10} {'along total':>12} {'cosine':>8}   "
+          f"(mean of {len(report['batches'])} batches)")
+    for name, m in report["mean"].items():
         print(f"{name:<6} {m['norm']:>10.4g} {m['along_total']:>12.3f} {m['cosine']:>8.3f}")
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gradients.json"
-    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), "batches": per_batch, "mean": mean}, indent=2) + "\n")
+    path = write_gradient_report(report, out, {"checkpoint": str(args.checkpoint)})
     print(f"wrote {path}")
     return 0
