@@ -139,6 +139,15 @@ def test_changed_mar_option_reruns_only_that_stage(trees, tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "mar" / "mar" / "log.jsonl", "step")] == list(range(MAR_STEPS))
 
 
+def test_given_checkpoint_ignores_the_pretrain_options(finished, trees, tmp_path):
+    run_dir, _ = finished
+    given = f"train.pretrained_checkpoint={run_dir / 'pretrain' / 'last.pt'}"
+    run_pipeline(config(trees, given), tmp_path, ["mar"], echo=quiet)
+    logged = len(events(tmp_path))
+    run_pipeline(config(trees, given, "pretrain.lr=0.5", "pretrain.epochs=7"), tmp_path, ["mar"], echo=quiet)
+    assert events(tmp_path)[logged:] == [("direct", "skip"), ("mar/mar", "skip")]
+
+
 def test_changed_ap_rule_reevaluates_without_retraining(trees, tmp_path):
     run_pipeline(config(trees), tmp_path, ["mar"], echo=quiet)
     checkpoint = tmp_path / "mar" / "mar" / "last.pt"

@@ -346,8 +346,10 @@ class Pipeline:
         folder = self.run_dir / "mar" / name
         cfg = with_overrides(self.variant_configs[name], {"output.run_dir": str(folder),
                                                           "train.pretrained_checkpoint": pretrained["checkpoint"]})
+        # A given checkpoint is the whole upstream: the pretrain options did not make it.
+        options = MAR_OPTIONS if pretrained["status"] != "given" else tuple(o for o in MAR_OPTIONS if o != "pretrain")
         # A change of evaluation options alone re-evaluates the trained model without retraining it.
-        train_fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, MAR_OPTIONS)}
+        train_fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, options)}
         fp = {**train_fp, **fingerprint(cfg, ("eval",))}
         result = self._finished(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps))
         if result is not None:
