@@ -205,3 +205,18 @@ def test_run_train_without_evaluation_writes_no_metrics(trees, tmp_path):
     assert result["status"] == "done" and result["metrics"] is None
     assert not (tmp_path / "mar" / "metrics.json").exists()
     assert read_log(tmp_path / "mar" / "log.jsonl", "eval") == []
+
+
+def test_an_epoch_without_any_loss_term_only_counts_its_steps(trees, tmp_path):
+    # the paper's "without L_CML and L_RAL": L_MDL alone, which starts in the second epoch
+    cfg = config(trees, tmp_path, "mar.use_al=false", "mar.use_rj=false", "mar.use_cml=false", "optim.epochs=2",
+                 "train.checkpoint_every_steps=0")
+    run = fresh(cfg)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.epochs = 1
+    assert run.fit() == "done" and run.step == STEPS_PER_EPOCH
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    run.epochs = 2
+    assert run.fit() == "done" and run.step == 2 * STEPS_PER_EPOCH
+    assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    assert bool(run.loss.memory.visited.any())

@@ -11,7 +11,9 @@ checkpoints that resume exactly, the non-finite guard, logging and the
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,6 +135,10 @@ class SteppedTrainer:
         self.keep_epoch_checkpoints = False
 
     # subclass hooks -------------------------------------------------------------
+    def trains_in(self, epoch: int) -> bool:
+        """Whether any loss term is on in ``epoch``; in an epoch without one a step only counts."""
+        return True
+
     def compute_loss(self, epoch: int, aux_batch, target_batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss of one step (in the graph) and its terms as floats."""
         raise NotImplementedError
@@ -223,11 +229,13 @@ class SteppedTrainer:
             try:
                 for in_epoch, aux_batch, target_batch in self.batches.iterate(epoch, start):
                     lr = self.optimizer.param_groups[0]["lr"]
-                    total, terms = self.compute_loss(epoch, aux_batch, target_batch)
-                    check_finite(terms, self.loss_names, self.step, self.checkpoint_path)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    self.optimizer.step()
+                    terms: dict[str, float] = {}
+                    if self.trains_in(epoch):
+                        total, terms = self.compute_loss(epoch, aux_batch, target_batch)
+                        check_finite(terms, self.loss_names, self.step, self.checkpoint_path)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        total.backward()
+                        self.optimizer.step()
                     self.step += 1
                     images = aux_batch[0].shape[0] + (target_batch[0].shape[0] if target_batch is not None else 0)
                     now = time.perf_counter()
@@ -250,7 +258,11 @@ class SteppedTrainer:
         epoch's last step resumes with the next epoch's learning rate.
         """
         if epoch_done:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # an epoch without a loss term (trains_in) never stepped the optimizer; the
+                # epoch-indexed schedule is still right, so PyTorch's order warning is noise
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                self.scheduler.step()
         capped = bool(self.max_steps) and self.step >= self.max_steps
         periodic = bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0
         if epoch_done or capped or self.stop_requested or periodic:

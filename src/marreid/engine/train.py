@@ -139,6 +139,11 @@ class MARTrainer(SteppedTrainer):
         broadcast_state(self.loss)  # every rank computed it; rank 0's copy makes them bit-identical
         self.model.train()
 
+    def trains_in(self, epoch: int) -> bool:
+        """False only when L_MDL is the sole term left on and ``epoch`` is before its start."""
+        loss = self.loss
+        return loss.use_al or loss.use_rj or loss.use_cml or (loss.use_mdl and epoch >= self.cfg.mar.mdl_start_epoch)
+
     def compute_loss(self, epoch: int, aux_batch, target_batch) -> tuple[torch.Tensor, dict[str, float]]:
         """MARLoss of the global batch (every rank's slice gathered) and its terms; the tensor
         returned is what this rank backpropagates (``ddp_loss``, loss-scaled under fp16)."""
