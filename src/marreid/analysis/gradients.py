@@ -9,7 +9,6 @@ total gradient G along its own direction, and these fractions sum to one.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -113,12 +112,3 @@ def checkpoint_gradient_shares(cfg: Config, state: dict, checkpoint: str | Path,
     mean = {name: {key: sum(b[name][key] for b in per_batch) / len(per_batch) for key in per_batch[0][name]}
             for name in per_batch[0]}
     return {"batches": per_batch, "mean": mean}
-
-
-def write_gradient_report(report: dict, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """``gradients.json`` in ``out_dir``: ``meta`` plus the report."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gradients.json"
-    path.write_text(json.dumps({**(meta or {}), **report}, indent=2) + "\n")
-    return path

@@ -22,7 +22,7 @@ import torch
 
 from marreid.analysis.plotting import plot_histograms
 from marreid.data import Sample
-from marreid.data.loaders import plain_loader
+from marreid.engine.extract import model_outputs
 from marreid.errors import ConfigError, DatasetError
 from marreid.losses.multilabel import log_soft_multilabel
 
@@ -120,7 +120,6 @@ def lognormal_panels(log_y: np.ndarray, dim: int = 0) -> dict[str, np.ndarray]:
     return {"all dimensions": log_y.ravel(), f"dimension {dim}": log_y[:, dim]}
 
 
-@torch.no_grad()
 def collect_log_multilabels(model: torch.nn.Module, samples: Sequence[Sample], transform, batch_size: int,
                             num_workers: int, device: torch.device | str) -> np.ndarray:
     """log y of Eq. 1 (a log-softmax of the agent logits) for every sample, float32 [N, K].
@@ -129,15 +128,7 @@ def collect_log_multilabels(model: torch.nn.Module, samples: Sequence[Sample], t
     """
     if not samples:
         raise DatasetError("no images to compute soft multilabels of (empty training split)")
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for images, _, _, _ in plain_loader(list(samples), transform, batch_size, num_workers):
-            rows.append(log_soft_multilabel(model(images.to(device))[1]).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(rows).numpy()
+    return log_soft_multilabel(model_outputs(model, samples, transform, batch_size, num_workers, device)[1]).numpy()
 
 
 def write_lognormal_report(log_y: np.ndarray, out_dir: str | Path, dim: int = 0, bins: int = 100,

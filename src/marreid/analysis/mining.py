@@ -10,17 +10,13 @@ pairs among them (AUC), against the feature distance itself.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from marreid.data import Sample
-from marreid.data.loaders import plain_loader
 from marreid.errors import DatasetError
-from marreid.losses.multilabel import agreement_top_quantile, pair_count, soft_multilabel, top_count
+from marreid.losses.multilabel import agreement_top_quantile, pair_count, top_count
 
 Tensor = torch.Tensor
 
@@ -146,31 +142,3 @@ def mining_report(feat: Tensor, y: Tensor, pids: Sequence[int], camids: Sequence
             "feature_auc": rank_auc(-distance, same),
         }
     return report
-
-
-@torch.no_grad()
-def collect_features(model: torch.nn.Module, samples: Sequence[Sample], transform, batch_size: int,
-                     num_workers: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Features and soft multilabels (Eq. 1) of every sample in eval mode, on the CPU in float32."""
-    if not samples:
-        raise DatasetError("no images to analyse (empty split)")
-    was_training = model.training
-    model.eval()
-    feats, ys = [], []
-    try:
-        for images, _, _, _ in plain_loader(list(samples), transform, batch_size, num_workers):
-            feat, logits = model(images.to(device))
-            feats.append(feat.float().cpu())
-            ys.append(soft_multilabel(logits).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(ys)
-
-
-def write_mining_report(report: dict, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """``mining.json`` in ``out_dir``: the report plus ``meta``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "mining.json"
-    path.write_text(json.dumps({**(meta or {}), **report}, indent=2) + "\n")
-    return path

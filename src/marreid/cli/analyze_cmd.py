@@ -4,9 +4,10 @@ diagnostics ``mining`` (L_MDL's mining over the whole target set) and ``gradient
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from marreid.cli.common import (add_config_args, add_trust_arg, checkpoint_config, resolved_config,
+from marreid.cli.common import (add_config_args, add_trust_arg, checkpoint_config, output_dir, resolved_config,
                                 yaml_string)
 from marreid.config import SPLITS
 
@@ -102,7 +103,7 @@ def run_lognormal(args: argparse.Namespace) -> int:
     samples = getattr(dataset, args.split)
     log_y = collect_log_multilabels(model, samples, eval_transform(cfg), cfg.eval.batch_size,
                                     cfg.data.num_workers, device)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out = output_dir(args)
     meta = {"checkpoint": str(args.checkpoint), "dataset": str(dataset.root), "split": args.split}
     result = write_lognormal_report(log_y, out, dim=args.dim, bins=args.bins, meta=meta)
     print(f"log soft multilabels of {log_y.shape[0]} images ({dataset.root}, {args.split}) "
@@ -133,8 +134,9 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_mining(args: argparse.Namespace) -> int:
-    from marreid.analysis.mining import collect_features, mining_report, write_mining_report
-    from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, resolve_device
+    from marreid.analysis.mining import mining_report
+    from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, model_outputs, resolve_device
+    from marreid.losses.multilabel import soft_multilabel
     from marreid.errors import CheckpointError
 
     cfg, state = checkpoint_config(args, args.checkpoint)
@@ -147,14 +149,14 @@ def run_mining(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
     target = load_target(cfg)
-    feat, y = collect_features(model, target.train, eval_transform(cfg), cfg.eval.batch_size,
-                               cfg.data.num_workers, device)
-    report = mining_report(feat, y, [s.pid for s in target.train], [s.camid for s in target.train],
-                           cfg.mar.mining_ratio, threshold)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    path = write_mining_report(report, out, {"checkpoint": str(args.checkpoint), "dataset": str(target.root)})
-    print(f"{report['images']} images, {report['pairs']} pairs, same-person base rate {100 * report['base_rate']:.3f}%, "
-          f"T = {report['threshold']:.4f}")
+    feat, logits = model_outputs(model, target.train, eval_transform(cfg), cfg.eval.batch_size,
+                                 cfg.data.num_workers, device)
+    report = mining_report(feat, soft_multilabel(logits), [s.pid for s in target.train],
+                           [s.camid for s in target.train], cfg.mar.mining_ratio, threshold)
+    path = _write_report(output_dir(args), "mining.json",
+                         {"checkpoint": str(args.checkpoint), "dataset": str(target.root), **report})
+    print(f"{report['images']} images, {report['pairs']} pairs, "
+          f"same-person base rate {100 * report['base_rate']:.3f}%, T = {report['threshold']:.4f}")
     print(f"{'mining':<20} {'pairs':>8} {'same-id':>8} {'same-cam':>9} {'pos':>7} {'pos same-id':>12} "
           f"{'AUC agree':>10} {'AUC feat':>9}")
     for name in ("mined", "mined_cross_camera"):
@@ -168,7 +170,7 @@ def run_mining(args: argparse.Namespace) -> int:
 
 
 def run_gradients(args: argparse.Namespace) -> int:
-    from marreid.analysis.gradients import checkpoint_gradient_shares, write_gradient_report
+    from marreid.analysis.gradients import checkpoint_gradient_shares
 
     cfg, state = checkpoint_config(args, args.checkpoint)
     report = checkpoint_gradient_shares(cfg, state, args.checkpoint, args.batches)
@@ -176,7 +178,14 @@ def run_gradients(args: argparse.Namespace) -> int:
           f"(mean of {len(report['batches'])} batches)")
     for name, m in report["mean"].items():
         print(f"{name:<6} {m['norm']:>10.4g} {m['along_total']:>12.3f} {m['cosine']:>8.3f}")
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    path = write_gradient_report(report, out, {"checkpoint": str(args.checkpoint)})
+    path = _write_report(output_dir(args), "gradients.json", {"checkpoint": str(args.checkpoint), **report})
     print(f"wrote {path}")
     return 0
+
+
+def _write_report(out: Path, name: str, data: dict) -> Path:
+    """``data`` as indented JSON in ``out/name`` (the folder created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -93,6 +93,11 @@ def print_metrics(metrics: dict) -> None:
           f"{metrics['num_gallery']} gallery images)")
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or else the folder of the ``checkpoint`` argument."""
+    return Path(args.out) if args.out else Path(args.checkpoint).parent
+
+
 def checkpoint_config(args: argparse.Namespace, checkpoint: str) -> tuple[Config, dict]:
     """The loaded ``checkpoint`` and the configuration to run it with: its own unless
     ``--config``, then ``--set``, ``--device`` and ``--trust-checkpoint``."""
@@ -112,4 +117,4 @@ def checkpoint_config(args: argparse.Namespace, checkpoint: str) -> tuple[Config
 
 
 __all__ = ["add_config_args", "add_run_args", "add_trust_arg", "resolved_config", "yaml_string", "print_metrics",
-           "checkpoint_config", "stopped_by_signal"]
+           "checkpoint_config", "stopped_by_signal", "output_dir"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config
+from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(query).is_file() or not is_image(query):
             raise DatasetError(f"query image not found or not an image file: {query}")
     cfg, state = checkpoint_config(args, args.checkpoint)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out = output_dir(args)
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
     common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,

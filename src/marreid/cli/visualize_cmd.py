@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config
+from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def run_ranks(args: argparse.Namespace) -> int:
     qf = extract_features(model, [dataset.query[i] for i in chosen], **common)[0]
     gf = extract_features(model, dataset.gallery, **common)[0]
     lists = ranked_lists(qf, gf, dataset.query, dataset.gallery, chosen, args.topk, cfg.eval.metric)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    out = output_dir(args)
     files = write_ranked_lists(lists, dataset.query, dataset.gallery, out, layout)
     for ranked in lists:
         marks = "".join({MATCH: "+", FALSE: "-"}.get(s, ".") for s in ranked.statuses)

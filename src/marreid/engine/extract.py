@@ -65,6 +65,26 @@ def load_target(cfg: Config, format: str | None = None, root: str | None = None)
 
 
 @torch.no_grad()
+def model_outputs(model: torch.nn.Module, samples: Sequence[Sample], transform, batch_size: int,
+                  num_workers: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's features and agent logits (Eq. 1's argument) for every sample, in eval mode,
+    float32 on the CPU, in the order of ``samples``; the train / eval mode is restored afterwards."""
+    if not samples:
+        raise DatasetError("no images to run the model on (empty split)")
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    try:
+        for images, _, _, _ in plain_loader(list(samples), transform, batch_size, num_workers):
+            feat, logit = model(images.to(device, non_blocking=True))
+            feats.append(feat.float().cpu())
+            logits.append(logit.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+@torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
     samples: Sequence[Sample],
@@ -140,5 +160,5 @@ def model_from_checkpoint(state: dict, path: str, cfg: Config) -> MARModel:
     return model
 
 
-__all__ = ["model_from_checkpoint", "extract_features", "evaluate_model", "load_target", "resolve_device", "eval_transform",
-           "without_bad_images"]
+__all__ = ["model_from_checkpoint", "extract_features", "model_outputs", "evaluate_model", "load_target",
+           "resolve_device", "eval_transform", "without_bad_images"]
