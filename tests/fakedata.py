@@ -136,6 +136,15 @@ def make_market_tree(
     return tree
 
 
+def make_training_trees(root: str | Path) -> Path:
+    """The small labeled auxiliary set (``root/aux``: 6 ids, 2 cameras, 4 images each, no junk) and target
+    set (``root/tgt``: 6 ids, 3 cameras) that the engine tests train on, as Market-style trees; returns root."""
+    root = Path(root)
+    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
+    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
+    return root
+
+
 def make_msmt_tree(
     root: str | Path,
     ids: int = 3,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fakedata import make_market_tree
+from fakedata import make_training_trees
 from marreid.config import load_config
 from marreid.engine.distributed import Precision, autocast_dtype
 from marreid.engine.extract import load_target
@@ -23,10 +23,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("amp_data")
-    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
-    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
-    return root
+    return make_training_trees(tmp_path_factory.mktemp("amp_data"))
 
 
 def trainer(trees, run_dir, *extra) -> MARTrainer:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fakedata import make_market_tree
+from fakedata import make_training_trees
 from marreid.analysis.mining import closest_pairs
 from marreid.cli import main
 from marreid.config import load_config, save_config
@@ -23,8 +23,7 @@ from marreid.engine.train import MARTrainer
 def run(tmp_path_factory):
     """A MAR checkpoint at step 0 (loss state initialised) of a tiny model, and its configuration file."""
     root = tmp_path_factory.mktemp("diagnostics")
-    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
-    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
+    make_training_trees(root)
     cfg = load_config(None, [
         f"data.aux_root={root / 'aux'}", "data.aux_format=market1501",
         f"data.target_root={root / 'tgt'}", "data.target_format=market1501",

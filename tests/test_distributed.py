@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fakedata import make_market_tree
+from fakedata import make_training_trees
 from marreid.config import load_config
 from marreid.data.loaders import ImageDataset, PairedBatches
 from marreid.engine.checkpoint import load_checkpoint
@@ -125,10 +125,7 @@ def spawn_ranks(trees, out) -> None:
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_data")
-    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
-    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
-    return root
+    return make_training_trees(tmp_path_factory.mktemp("ddp_data"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from fakedata import make_market_tree
+from fakedata import make_training_trees
 from marreid.config import load_config
 from marreid.data import Sample
 from marreid.engine.checkpoint import load_checkpoint
@@ -27,10 +27,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_data")
-    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
-    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
-    return root
+    return make_training_trees(tmp_path_factory.mktemp("engine_data"))
 
 
 def config(trees, run_dir, *extra):

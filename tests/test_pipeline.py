@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fakedata import make_market_tree
+from fakedata import make_training_trees
 from marreid.config import load_config
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import evaluate_model, load_target, model_from_checkpoint
@@ -36,10 +36,7 @@ MAR_STEPS = 2 * (AUX_IMAGES // 8)  # an epoch is a pass over the auxiliary set
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline_data")
-    make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
-    make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
-    return root
+    return make_training_trees(tmp_path_factory.mktemp("pipeline_data"))
 
 
 def config(trees, *extra):
