@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
-SPLITS = ("train", "query", "gallery")
+from marreid.data.sample import SPLITS
 
 
 @dataclass
@@ -143,6 +144,29 @@ def make_training_trees(root: str | Path) -> Path:
     make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
     make_market_tree(root / "tgt", ids=6, cams=3, per_id=4, size=(32, 16), seed=1)
     return root
+
+
+def write_tiny_config(path: str | Path, aux: str | Path, target: str | Path, **sections: dict) -> Path:
+    """Write the run configuration the end-to-end tests train with to ``path`` and return it.
+
+    Market-style ``aux`` and ``target`` trees at 32x16, the ``tiny`` backbone on the CPU,
+    one pretraining and one MAR epoch in batches of 8, no progress bars; ``sections``
+    update those sections key by key, e.g. ``optim={"epochs": 2}``.
+    """
+    settings: dict[str, dict] = {
+        "data": {"aux_format": "market1501", "aux_root": str(aux), "target_format": "market1501",
+                 "target_root": str(target), "height": 32, "width": 16, "pad": 2, "num_workers": 0},
+        "model": {"arch": "tiny"},
+        "pretrain": {"epochs": 1, "batch_size": 8, "lr": 0.05},
+        "optim": {"epochs": 1, "lr": 0.01},
+        "mar": {"mining_ratio": 0.1},
+        "train": {"aux_batch": 8, "target_batch": 8, "device": "cpu", "progress": False},
+    }
+    for section, values in sections.items():
+        settings.setdefault(section, {}).update(values)
+    path = Path(path)
+    path.write_text(yaml.safe_dump(settings))
+    return path
 
 
 def make_msmt_tree(

@@ -1,4 +1,4 @@
-"""Naive loop versions of MAR's equations, written from METHOD.md, for the tests and bench/bench_losses.py.
+"""Naive loop versions of MAR's equations, written from the paper, for the tests and bench/bench_losses.py.
 
 Loops run over samples, pairs, cameras and agents; only the sums along a
 single vector (one feature, one multilabel) are left to torch. All of them
@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 
 
 def count_top(num_pairs: int, ratio: float) -> int:
-    """ceil(p * M), at least one (METHOD.md: the p*M pairs, S adaptive so that the loss exists)."""
+    """ceil(p * M), at least one (the paper's p*M pairs, S adaptive so that the loss exists)."""
     return max(1, math.ceil(ratio * num_pairs - 1e-9))
 
 
@@ -203,7 +203,7 @@ class MarConfig:
 
 def mar_step(state: MarState, cfg: MarConfig, agents: Tensor, aux_feat: Tensor, aux_logits: Tensor, aux_labels: Tensor,
              tgt_feat: Tensor, tgt_camids: Tensor, tgt_index: list[int], pids: Tensor | None = None):
-    """One MAR training step with L_MDL on, from METHOD.md; updates ``state``.
+    """One MAR training step with L_MDL on, from the paper; updates ``state``.
 
     ``agents`` are the normalised agent rows and ``aux_logits`` = s * aux_feat @ agents.T,
     both in the graph of the agent weights. Returns (total, terms, per-camera CML

@@ -88,7 +88,7 @@ def test_amp_training_step_matches_float32_within_bf16_tolerance(trees, tmp_path
     amp = trainer(trees, tmp_path / "amp", "train.amp=true")
     assert amp.precision.dtype == torch.bfloat16 and amp.precision.scaler is None
     images = torch.randn(4, 3, 32, 16)
-    feat, logits = amp.precision.forward(amp.net, images)
+    feat, logits = amp.precision.forward(amp.model, images)
     assert feat.dtype == logits.dtype == torch.bfloat16  # the forward pass really is autocast
     amp.model.zero_grad(set_to_none=True)
 
@@ -111,8 +111,8 @@ def test_channels_last_feeds_nhwc_and_keeps_the_features(trees, tmp_path):
     plain.model.eval()
     nhwc.model.eval()
     with torch.no_grad():
-        want = plain.precision.forward(plain.net, images)[0]
-        got = nhwc.precision.forward(nhwc.net, images)[0]
+        want = plain.precision.forward(plain.model, images)[0]
+        got = nhwc.precision.forward(nhwc.model, images)[0]
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous(
         memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from fakedata import make_market_tree
-from marreid.analysis.ranklist import FRAME_COLOURS, GridLayout
+from marreid.analysis.plotting import GridLayout
+from marreid.analysis.ranklist import FRAME_COLOURS
 from marreid.cli import main
 from marreid.config import config_from_dict, config_to_dict
 from marreid.data import load_dataset

@@ -108,3 +108,43 @@ def test_missing_or_empty_log(tmp_path, capsys) -> None:
     (tmp_path / "log.jsonl").write_text('{"kind": "start"}\n')
     with pytest.raises(DatasetError, match="no step or eval records"):
         write_curves(tmp_path / "log.jsonl", tmp_path)
+
+
+def write_evals(run_dir, evals: list[tuple[int, float, float]]) -> None:
+    """A log with a start record, one step record and evaluations (step, rank1, mAP)."""
+    with RunLogger(run_dir, enabled=False, tensorboard=False) as logger:
+        logger.log("start", {"run": "mar"})
+        logger.log("step", {"loss": 1.0}, step=0)
+        for step, rank1, mAP in evals:
+            logger.log("eval", {"rank1": rank1, "rank5": rank1 + 0.1, "rank10": rank1 + 0.2, "mAP": mAP,
+                                "ap_rule": "plain"}, step=step)
+
+
+def test_compare_writes_every_evaluation_of_every_run_with_the_common_start(tmp_path, capsys) -> None:
+    write_evals(tmp_path / "mar", [(3, 0.30, 0.12), (6, 0.35, 0.15), (6, 0.36, 0.16)])  # step 6 repeated: last wins
+    write_evals(tmp_path / "control", [(3, 0.29, 0.11)])
+    start = tmp_path / "dt.json"
+    start.write_text('{"rank1": 0.25, "rank5": 0.4, "rank10": 0.5, "mAP": 0.1, "ap_rule": "plain"}')
+    assert main(["visualize", "compare", str(tmp_path / "mar"), str(tmp_path / "control"), "--label", "MAR",
+                 "--label", "L_AL only", "--start", str(start), "--out", str(tmp_path / "out")]) == 0
+    rows = read_csv(tmp_path / "out" / "compare.csv")
+    assert [(r["run"], int(r["step"]), float(r["rank1"]), float(r["mAP"])) for r in rows] == [
+        ("MAR", 0, 0.25, 0.1), ("MAR", 3, 0.30, 0.12), ("MAR", 6, 0.36, 0.16),
+        ("L_AL only", 0, 0.25, 0.1), ("L_AL only", 3, 0.29, 0.11)]
+    with Image.open(tmp_path / "out" / "compare.png") as img:
+        assert img.width > 200 and img.height > 100
+    assert "5 evaluations of 2 runs" in capsys.readouterr().out
+
+
+def test_compare_refuses_mismatched_labels_and_runs_without_evaluations(tmp_path, capsys) -> None:
+    write_evals(tmp_path / "a", [])
+    write_evals(tmp_path / "b", [(3, 0.3, 0.1)])
+    assert main(["visualize", "compare", str(tmp_path / "b"), "--label", "x", "--label", "y",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--label: 2 names for 1 runs" in capsys.readouterr().err
+    assert main(["visualize", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")]) == 2
+    assert "no evaluation records" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["visualize", "compare", str(tmp_path / "b"), "--start", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "--start" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""Each term's share of the backbone gradient: the terms add up to the full loss's gradient, and the
-loss's state is left untouched."""
+"""Each term's share of the backbone gradient: the terms add up to the full loss's gradient, each
+share matches one computed from separately taken gradients, and the loss's state is left untouched."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from marreid.losses import MARLoss
 from marreid.models import build_model
 
 N_AGENTS, N_TARGET = 5, 12
+SWITCHES = {"mdl": "use_mdl", "cml": "use_cml", "al": "use_al", "rj": "use_rj"}
 
 
 @pytest.fixture
@@ -28,16 +29,30 @@ def setup():
     return model, loss, batch
 
 
-def full_gradient(model, loss, batch) -> torch.Tensor:
-    """The backbone gradient of the whole Eq. 10, the loss in eval mode (state untouched)."""
+def backbone_gradient(model, loss, batch, terms) -> list[torch.Tensor]:
+    """The backbone gradient, parameter by parameter, of Eq. 10 with only ``terms`` switched on; the
+    loss in eval mode (state untouched), its switches and mode restored."""
+    saved = {switch: getattr(loss, switch) for switch in SWITCHES.values()}
+    for name, switch in SWITCHES.items():
+        setattr(loss, switch, name in terms)
     loss.eval()
-    params = [p for p in model.backbone.parameters()]
-    n_aux = len(batch["aux_images"])
-    feat, logits = model(torch.cat([batch["aux_images"], batch["tgt_images"]]))
-    total, _ = loss(feat[:n_aux], logits[:n_aux], batch["aux_labels"], feat[n_aux:], logits[n_aux:],
-                    batch["tgt_camids"], batch["tgt_index"], model.agent_matrix(), mdl_on=True)
-    loss.train()
-    return torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
+    try:
+        params = list(model.backbone.parameters())
+        n_aux = len(batch["aux_images"])
+        feat, logits = model(torch.cat([batch["aux_images"], batch["tgt_images"]]))
+        total, _ = loss(feat[:n_aux], logits[:n_aux], batch["aux_labels"], feat[n_aux:], logits[n_aux:],
+                        batch["tgt_camids"], batch["tgt_index"], model.agent_matrix(), mdl_on=True)
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    finally:
+        for switch, value in saved.items():
+            setattr(loss, switch, value)
+        loss.train()
+
+
+def full_gradient(model, loss, batch) -> torch.Tensor:
+    """The flattened backbone gradient of the whole Eq. 10."""
+    return torch.cat([g.flatten() for g in backbone_gradient(model, loss, batch, SWITCHES)])
 
 
 def test_term_gradients_add_up_to_the_full_gradient_and_leave_the_state(setup):
@@ -53,8 +68,19 @@ def test_term_gradients_add_up_to_the_full_gradient_and_leave_the_state(setup):
         assert torch.equal(value, state[key]), key
     assert (loss.use_al, loss.use_rj, loss.use_cml, loss.use_mdl) == (True, True, True, True)
     assert loss.training
-    shares = gradient_shares(grads)
-    assert sum(s["along_total"] for s in shares.values()) == pytest.approx(1.0)
+
+
+def test_each_share_is_its_terms_projection_on_the_total_gradient(setup):
+    model, loss, batch = setup
+    shares = gradient_shares(term_gradients(model, loss, **batch))
+    # (g_t . G) / |G|^2 from gradients taken apart: each term alone, and the whole loss for G,
+    # accumulated parameter by parameter
+    total = backbone_gradient(model, loss, batch, SWITCHES)
+    total_sq = sum(float(g.double().pow(2).sum()) for g in total)
+    for name in SWITCHES:
+        own = backbone_gradient(model, loss, batch, {name})
+        dot = sum(float((g.double() * t.double()).sum()) for g, t in zip(own, total))
+        assert shares[name]["along_total"] == pytest.approx(dot / total_sq, rel=1e-4, abs=1e-6), name
 
 
 def test_switched_off_terms_are_not_reported(setup):

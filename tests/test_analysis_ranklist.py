@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marreid.analysis.plotting import Tile, render_grid
+from marreid.analysis.plotting import GridLayout, Tile, render_grid
 from marreid.analysis.ranklist import (
     FALSE,
     FRAME_COLOURS,
@@ -16,7 +16,6 @@ from marreid.analysis.ranklist import (
     MATCH,
     QUERY,
     SAME_CAMERA,
-    GridLayout,
     choose_queries,
     frame_statuses,
     ranked_lists,

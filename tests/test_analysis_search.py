@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from marreid.analysis.ranklist import GridLayout
+from marreid.analysis.plotting import GridLayout
 from marreid.analysis.search import (
     Gallery,
     cache_key,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from fakedata import make_market_tree
+from fakedata import make_market_tree, write_tiny_config
 from marreid.analysis.sweep import check_values, run_label, sweepable_params, use_log_x, value_config
 from marreid.cli import main
 from marreid.config import Config, load_config
@@ -37,17 +37,9 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     make_market_tree(root / "aux", ids=4, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
     make_market_tree(root / "tgt", ids=4, cams=3, per_id=4, size=(32, 16), seed=2)
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"aux_format": "market1501", "aux_root": str(root / "aux"), "target_format": "market1501",
-                 "target_root": str(root / "tgt"), "height": 32, "width": 16, "pad": 2, "num_workers": 0},
-        "model": {"arch": "tiny"},
-        "pretrain": {"epochs": 1, "batch_size": 8, "lr": 0.05},
-        "optim": {"epochs": 1, "lr": 0.01},
-        "mar": {"mining_ratio": 0.1, "mdl_start_epoch": 0},
-        "train": {"aux_batch": 8, "target_batch": 8, "device": "cpu", "progress": False},
-        "output": {"run_dir": str(root / "runs" / "mar"), "pretrain_dir": str(root / "runs" / "pre")},
-    }))
+    runs = root / "runs"
+    config = write_tiny_config(root / "tiny.yaml", root / "aux", root / "tgt", mar={"mdl_start_epoch": 0},
+                               output={"run_dir": str(runs / "mar"), "pretrain_dir": str(runs / "pre")})
     argv = ["analyze", "sweep", str(config), "--param", "beta", "--values", "0.5", "0.1"]
     assert main(argv) == 0
     return {"root": root, "config": config, "argv": argv, "out": root / "runs" / "sweep_beta"}

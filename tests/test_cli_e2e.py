@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from fakedata import make_market_tree
+from fakedata import make_market_tree, write_tiny_config
 from marreid.cli import main
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.logging import read_log
@@ -26,16 +26,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     make_market_tree(root / "aux", ids=5, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
     target = make_market_tree(root / "tgt", ids=5, cams=3, per_id=4, size=(32, 16), seed=2)
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"aux_format": "market1501", "aux_root": str(root / "aux"), "target_format": "market1501",
-                 "target_root": str(root / "tgt"), "height": 32, "width": 16, "pad": 2, "num_workers": 0},
-        "model": {"arch": "tiny"},
-        "pretrain": {"epochs": 2, "batch_size": 8, "lr": 0.05},
-        "optim": {"epochs": 2, "lr": 0.01},
-        "mar": {"mining_ratio": 0.1},
-        "train": {"aux_batch": 8, "target_batch": 8, "device": "cpu", "progress": False},
-    }))
+    config = write_tiny_config(root / "tiny.yaml", root / "aux", root / "tgt", pretrain={"epochs": 2},
+                               optim={"epochs": 2})
     pre, mar = root / "pre", root / "mar"
     assert main(["pretrain", str(config), "--run-dir", str(pre)]) == 0
     assert main(["train", str(config), "--run-dir", str(mar), "--pretrained", str(pre / "last.pt"),

@@ -1,4 +1,4 @@
-"""Configuration: defaults, YAML, --set overrides, errors, presets against METHOD.md's numbers."""
+"""Configuration: defaults, YAML, --set overrides, errors, presets against the paper's numbers."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_relative_roots_resolve_against_cwd(tmp_path, monkeypatch):
                                                  ("paper_duke.yaml", "dukemtmc")])
 def test_paper_presets_hold_method_values(name, target_format):
     cfg = load_config(CONFIGS / name)
-    # Numbers as METHOD.md states them.
+    # The paper's numbers (supplementary Sec. 3) and the authors' release.
     assert cfg.data.aux_format == "msmt17"
     assert sorted(cfg.data.aux_splits) == ["gallery", "query", "train"]
     assert cfg.data.target_format == target_format

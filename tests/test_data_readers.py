@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fakedata import make_folder_tree, make_market_tree, make_msmt_tree
-from marreid.data import DATASET_FORMATS, Sample, detect_format, load_dataset, pool_splits, relabel
+from marreid.data import DATASET_FORMATS, ReidDataset, Sample, detect_format, load_dataset, pool_splits, relabel
 from marreid.errors import ConfigError, DatasetError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -333,19 +333,50 @@ def test_real_market1501_if_present():
         12_936, 751, 3_368, 19_732 - 3_819, 3_819)
 
 
-def test_pool_splits_keeps_train_and_test_people_apart(tmp_path):
+def _pooling_dataset(zero_in_query: bool) -> ReidDataset:
+    """Train ids 0 / 1 and 5, test ids 0, 3 and 7; a query of id 0 makes 0 a person (MSMT17)."""
+    s = Sample
+    first = 0 if zero_in_query else 1
+    return ReidDataset(
+        "x", "/x",
+        train=[s("t0", first, 0), s("t1", 5, 1), s("t2", first, 1)],
+        query=([s("q0", 0, 0)] if zero_in_query else []) + [s("q1", 3, 1)],
+        gallery=[s("g0", 0, 1), s("g1", 3, 0), s("g2", 7, 1)],
+    )
+
+
+def test_pool_splits_keys_identities_by_train_or_test():
+    # keys in sorted order: (test, 3) (test, 7) (train, 1) (train, 5); no query has id 0, so
+    # gallery id 0 is a Market-style distractor crowd and is dropped.
+    pooled = pool_splits(_pooling_dataset(zero_in_query=False), ["train", "query", "gallery"])
+    assert [(x.path, x.pid, x.camid) for x in pooled] == [
+        ("t0", 2, 0), ("t1", 3, 1), ("t2", 2, 1), ("q1", 0, 1), ("g1", 0, 0), ("g2", 1, 1)]
+
+
+def test_pool_splits_zero_is_a_person_when_a_query_has_it():
+    # MSMT17 restarts test ids at 0: (test, 0) is a person distinct from (train, 0).
+    pooled = pool_splits(_pooling_dataset(zero_in_query=True), ["train", "query", "gallery"])
+    assert {x.path: x.pid for x in pooled} == {"q0": 0, "g0": 0, "q1": 1, "g1": 1, "g2": 2, "t0": 3, "t2": 3, "t1": 4}
+
+
+def test_pool_splits_in_the_order_given():
+    ds = _pooling_dataset(zero_in_query=False)
+    assert [x.pid for x in pool_splits(ds, ["train"])] == [0, 1, 0]
+    assert [x.path for x in pool_splits(ds, ["gallery", "train"])] == ["g1", "g2", "t0", "t1", "t2"]
+    with pytest.raises(ConfigError, match="validation"):
+        pool_splits(ds, ["validation"])
+
+
+def test_pool_splits_of_real_layouts(tmp_path):
     make_msmt_tree(tmp_path / "msmt", ids=3, cams=2, per_id=3)
     msmt = load_dataset("msmt17", tmp_path / "msmt")
     pooled = pool_splits(msmt, ["train", "query", "gallery"])
-    # train ids 0-2 (9 images); test ids 0-2 (3 queries + 9 gallery) become 3-5
+    # test ids 0-2 (1 query + 3 gallery each) become 0-2, train ids 0-2 (3 images each) 3-5
     assert len(pooled) == 21
-    assert Counter(s.pid for s in pooled) == {0: 3, 1: 3, 2: 3, 3: 4, 4: 4, 5: 4}
-    assert Counter(s.pid for s in relabel(pooled)) == Counter(s.pid for s in pooled)
+    assert Counter(s.pid for s in pooled) == {0: 4, 1: 4, 2: 4, 3: 3, 4: 3, 5: 3}
     make_market_tree(tmp_path / "market", ids=4, per_id=2, junk=2, distractors=2)
     market = load_dataset("market1501", tmp_path / "market")
     pooled = pool_splits(market, ["train", "gallery"])
-    # train ids 1-4 (8 images); gallery ids 5-8 shifted by 5 (8 images); distractors dropped
-    assert Counter(s.pid for s in pooled) == {1: 2, 2: 2, 3: 2, 4: 2, 10: 2, 11: 2, 12: 2, 13: 2}
-    assert pool_splits(market, ["query"]) == market.query
-    with pytest.raises(ConfigError, match="validation"):
-        pool_splits(market, ["validation"])
+    # gallery ids 5-8 become 0-3, train ids 1-4 become 4-7; distractors dropped
+    assert Counter(s.pid for s in pooled) == {k: 2 for k in range(8)}
+    assert pool_splits(market, ["query"]) == relabel(market.query)

@@ -67,6 +67,8 @@ def test_seed_summary_is_the_mean_and_sample_std_of_the_seeds(demo):
     _, run_dir = demo
     report = json.loads((run_dir / "results.json").read_text())
     assert report["seeds"] == [0, 1] and report["variants"] == ["mar"]
+    assert report["threads"] == 1 and "expected" not in report  # --config: not the shipped settings
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["cpu"]
     per_seed = [json.loads((run_dir / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
     for row, pick in (("direct", lambda r: r["direct"]), ("mar", lambda r: r["variants"]["mar"])):
         for rule in ("plain", "mar-release"):

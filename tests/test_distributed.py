@@ -2,9 +2,10 @@
 
 The two ranks are started with torch.multiprocessing's spawn and find each other
 through torchrun's environment variables on a free localhost port. One spawn
-serves every check: the ranks train two steps of MAR (tiny backbone, synchronised
-BatchNorm, L_MDL on from the first step) and also run a few collectives whose
-results are compared here with plain one-process computations.
+serves every check: the ranks train two steps of MAR (tiny backbone, L_MDL on from
+the first step) twice, with the joint forward pass and synchronised BatchNorm and with
+the per-domain forward pass in BatchNorm batches of 2, and also run a few collectives
+whose results are compared here with plain one-process computations.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ WORLD = 2
 STEPS = 2
 SPAWN_DEADLINE_S = 120
 BN_ROWS_PER_RANK = 3
+# (options of each rank, options of the one-process reference) per forward mode
+MODES = {
+    "joint": (("train.forward=joint", "train.sync_bn=true"), ("train.forward=joint",)),
+    "per_domain": (("train.bn_batch=2",), ("train.bn_batch=2",)),
+}
 
 
 def free_port() -> int:
@@ -97,20 +103,22 @@ def _rank_main(rank: int, port: int, trees, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    # Separate run folders show which rank writes what (a real job shares one).
-    cfg = make_config(trees, out / f"rank{rank}", "train.sync_bn=true", f"train.max_steps={STEPS}")
-    run = fresh_trainer(cfg)
-    status = run.fit()
-    torch.save({
-        "status": status,
-        "ddp": isinstance(run.net, DistributedDataParallel),
-        "global_bn": sum(isinstance(m, GlobalBatchNorm) for m in run.model.modules()),
-        "local_batch": len(run.batches.step_items(0, 0)),
-        "grads": {name: p.grad.clone() for name, p in run.model.named_parameters()},
-        "model": run.model.state_dict(),
-        "loss": run.loss.state_dict(),
-        **_collective_checks(rank),
-    }, out / f"rank{rank}.pt")
+    for mode, (options, _) in MODES.items():
+        # Separate run folders show which rank writes what (a real job shares one).
+        cfg = make_config(trees, out / mode / f"rank{rank}", *options, f"train.max_steps={STEPS}")
+        run = fresh_trainer(cfg)
+        status = run.fit()
+        torch.save({
+            "status": status,
+            "ddp": isinstance(run.net, DistributedDataParallel),
+            "global_bn": sum(isinstance(m, GlobalBatchNorm) for m in run.model.modules()),
+            "local_batch": len(run.batches.step_items(0, 0)),
+            "bn_groups": run.bn_groups.sizes,
+            "grads": {name: p.grad.clone() for name, p in run.model.named_parameters()},
+            "model": run.model.state_dict(),
+            "loss": run.loss.state_dict(),
+            **_collective_checks(rank),
+        }, out / mode / f"rank{rank}.pt")
 
 
 def spawn_ranks(trees, out) -> None:
@@ -129,13 +137,28 @@ def trees(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(trees, tmp_path_factory):
+def spawned(trees, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_runs")
     spawn_ranks(trees, out)
-    single = fresh_trainer(make_config(trees, out / "single", f"train.max_steps={STEPS}"))
+    return out
+
+
+def mode_runs(trees, out, mode):
+    """The run folder, the one-process reference trainer and the ranks' results of one forward mode."""
+    single = fresh_trainer(make_config(trees, out / mode / "single", *MODES[mode][1], f"train.max_steps={STEPS}"))
     assert single.fit() == "max_steps"
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return out, single, ranks
+    ranks = [torch.load(out / mode / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return out / mode, single, ranks
+
+
+@pytest.fixture(scope="module")
+def runs(trees, spawned):
+    return mode_runs(trees, spawned, "joint")
+
+
+@pytest.fixture(scope="module")
+def domain_runs(trees, spawned):
+    return mode_runs(trees, spawned, "per_domain")
 
 
 def assert_close_dicts(got: dict, want: dict, what: str) -> None:
@@ -197,13 +220,33 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, trees):
     out, single, _ = runs
     single.max_steps = STEPS + 1
     assert single.fit() == "max_steps"
-    cfg = make_config(trees, out / "rank0", f"train.max_steps={STEPS + 1}")
+    cfg = make_config(trees, out / "rank0", "train.forward=joint", f"train.max_steps={STEPS + 1}")
     resumed = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), cfg.output.run_dir)
     resumed.resume()
     assert resumed.step == STEPS
     assert resumed.fit() == "max_steps"
     assert_close_dicts(resumed.model.state_dict(), single.model.state_dict(), "model")
     assert_close_dicts(resumed.loss.state_dict(), single.loss.state_dict(), "loss state")
+
+
+def test_per_domain_batchnorm_batches_give_the_single_process_run_on_any_rank_count(domain_runs):
+    """Each rank runs its slice's groups of 2 per domain; only rank 0's first group of each
+    domain moves the running statistics, which DDP broadcasts: the result is one process's."""
+    out, single, ranks = domain_runs
+    assert single.bn_groups.sizes == (2,) * 8 and single.bn_groups.update == (True, False, False, False) * 2
+    want_log = read_log(out / "single" / "log.jsonl", "step")
+    got_log = read_log(out / "rank0" / "log.jsonl", "step")
+    for g, w in zip(got_log, want_log, strict=True):
+        assert w["mdl"] > 0
+        for key in ("loss", "al", "rj", "cml", "mdl", "threshold"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+    want = {name: p.grad for name, p in single.model.named_parameters()}
+    for r in ranks:
+        assert r["ddp"] and r["global_bn"] == 0 and r["bn_groups"] == (2, 2, 2, 2)
+        assert_close_dicts(r["grads"], want, "gradient")
+    # Rank 0 holds (and saves) the running statistics; they are the one-process run's.
+    assert_close_dicts(ranks[0]["model"], single.model.state_dict(), "model")
+    assert_close_dicts(ranks[0]["loss"], single.loss.state_dict(), "loss state")
 
 
 def test_global_batchnorm_equals_one_batchnorm_over_the_whole_batch(runs):

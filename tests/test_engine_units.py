@@ -1,4 +1,4 @@
-"""Engine pieces in isolation: auxiliary pooling, SGD groups, the JSONL log, feature extraction."""
+"""Engine pieces in isolation: SGD groups, the loss guard, the JSONL log, feature extraction."""
 
 from __future__ import annotations
 
@@ -12,43 +12,12 @@ from torch import nn
 
 from fakedata import make_market_tree
 from marreid.config import load_config
-from marreid.data import ReidDataset, Sample, load_dataset
+from marreid.data import load_dataset
 from marreid.engine.extract import eval_transform, extract_features, resolve_device
 from marreid.engine.logging import RunLogger, read_log
-from marreid.engine.pretrain import check_finite, parameter_groups, pool_auxiliary
+from marreid.engine.stepped import check_finite, parameter_groups
 from marreid.errors import ConfigError, TrainingError
 from marreid.models import build_model
-
-
-def _dataset() -> ReidDataset:
-    s = Sample
-    return ReidDataset(
-        "x", "/x",
-        train=[s("t0", 0, 0), s("t1", 5, 1), s("t2", 0, 1)],
-        query=[s("q0", 0, 0), s("q1", 3, 1)],
-        gallery=[s("g0", 0, 1), s("g1", 3, 0), s("g2", 7, 1)],
-    )
-
-
-def test_pool_auxiliary_keeps_train_and_test_identities_apart():
-    # keys in sorted order: (test, 3) (test, 7) (train, 0) (train, 5); pid 0 of the test
-    # splits is a Market-style distractor crowd and is dropped.
-    pooled = pool_auxiliary(_dataset(), ["train", "query", "gallery"], "market1501")
-    assert [(x.path, x.pid) for x in pooled] == [
-        ("t0", 2), ("t1", 3), ("t2", 2), ("q1", 0), ("g1", 0), ("g2", 1)]
-    assert [x.camid for x in pooled] == [0, 1, 1, 1, 0, 1]
-
-
-def test_pool_auxiliary_msmt_zero_is_a_person():
-    # MSMT17 restarts test ids at 0: (test, 0) is a person distinct from (train, 0).
-    pooled = pool_auxiliary(_dataset(), ["train", "query", "gallery"], "msmt17")
-    labels = {x.path: x.pid for x in pooled}
-    assert labels == {"q0": 0, "g0": 0, "q1": 1, "g1": 1, "g2": 2, "t0": 3, "t2": 3, "t1": 4}
-
-
-def test_pool_auxiliary_train_only():
-    pooled = pool_auxiliary(_dataset(), ["train"], "market1501")
-    assert [x.pid for x in pooled] == [0, 1, 0]
 
 
 def test_batchnorm_parameters_get_no_weight_decay():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 
 import numpy as np
@@ -13,20 +14,14 @@ import torch
 import yaml
 
 from fakedata import make_training_trees
+from marreid.cli import main
 from marreid.config import load_config
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import evaluate_model, load_target, model_from_checkpoint
 from marreid.engine.logging import read_log
-from marreid.engine.pipeline import (
-    ABLATION,
-    Pipeline,
-    aggregate_seeds,
-    parse_variants,
-    run_pipeline,
-    seeds_markdown,
-    variant_config,
-)
+from marreid.engine.pipeline import Pipeline, aggregate_seeds, run_pipeline, seeds_markdown
 from marreid.engine.train import MARTrainer
+from marreid.engine.variants import ABLATION, VARIANTS, parse_variants, variant_config
 from marreid.errors import ConfigError, TrainingError
 
 AUX_IMAGES = 6 * 4  # ids x images per id
@@ -263,6 +258,15 @@ def test_every_named_variant_resolves_and_unknown_names_are_refused(trees):
         parse_variants("mar,bogus")
     with pytest.raises(ConfigError, match="unknown variant"):
         Pipeline(cfg, "unused", ["nope"])
+
+
+@pytest.mark.parametrize("command", ["experiment", "demo"])
+def test_variants_help_lists_every_variant(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    listed = re.search(r"known: ((?:\w+, )*\w+)", text).group(1).split(", ")
+    assert listed == list(VARIANTS)
 
 
 def fake_results(direct: list[float], mar: list[float]) -> dict:

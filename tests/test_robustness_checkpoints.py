@@ -5,7 +5,10 @@ on stderr with exit status 2, and the last good checkpoint stays intact and resu
 from __future__ import annotations
 
 import errno
+import os
 import pathlib
+import pickle
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -118,6 +121,65 @@ def test_pickled_weights_are_refused_unless_trusted(data, tmp_path, capsys):
     assert code == 0 and marker.exists()
 
 
+class SystemOnLoad:
+    """Pickles as a call to ``os.system``: a shell command run by whoever unpickles it."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("form", ["torch zip", "raw pickle", "raw pickle protocol 2"])
+def test_code_running_checkpoint_is_refused_with_the_trust_hint(tmp_path, capsys, form):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    payload = {"model": SystemOnLoad(marker)}
+    if form == "torch zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2 if form.endswith("2") else pickle.DEFAULT_PROTOCOL))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = cli(capsys, "evaluate", path)
+    assert (code, err) == (2, [f"marreid evaluate: error: refusing to load {path}: it holds pickled Python objects, "
+                               f"which can run arbitrary code when loaded; pass --trust-checkpoint, but only for "
+                               f"a file whose origin you trust"])
+    assert not caught  # torch's warning about a raw pickle's protocol is not shown
+    assert not marker.exists()
+
+
+def nan_copy(source: pathlib.Path, dest: pathlib.Path, count: int) -> list[str]:
+    """``source`` with its first ``count`` weights set to NaN, written to ``dest``; their names."""
+    state = load_checkpoint(source)
+    names = [name for name, value in state["model"].items() if value.is_floating_point()][:count]
+    for name in names:
+        state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, dest)
+    return [f"model.{name}" for name in names]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "extract"])
+def test_non_finite_checkpoint_is_refused_for_evaluation_naming_its_tensors(data, tmp_path, capsys, command):
+    bad = tmp_path / "diverged.pt"
+    names = nan_copy(data["pre"] / "last.pt", bad, 5)
+    extra = ["--split", "query", "--out", tmp_path / "f.npz"] if command == "extract" else []
+    code, err = cli(capsys, command, bad, *extra)
+    assert (code, err) == (2, [f"marreid {command}: error: {bad}: non-finite values (NaN or inf) in 5 tensor(s): "
+                               f"{', '.join(names[:3])} and 2 more; use a checkpoint from before the run diverged"])
+
+
+def test_non_finite_pretrained_checkpoint_is_refused_before_the_first_step(data, tmp_path, capsys):
+    bad = tmp_path / "diverged.pt"
+    (name,) = nan_copy(data["pre"] / "last.pt", bad, 1)
+    run_dir = tmp_path / "mar"
+    code, err = cli(capsys, "train", data["config"], "--run-dir", run_dir, "--pretrained", bad)
+    assert (code, err) == (2, [f"marreid train: error: {bad}: non-finite values (NaN or inf) in 1 tensor(s): {name}; "
+                               f"use a checkpoint from before the run diverged"])
+    assert not (run_dir / "last.pt").exists() and not read_log(run_dir / "log.jsonl", "step")
+
+
 @pytest.mark.parametrize("case", ["under a file", "read-only", "pretrain under a file"])
 def test_unwritable_run_folder_is_refused_first(data, tmp_path, capsys, monkeypatch, case):
     command, key = ("pretrain", "output.pretrain_dir") if case.startswith("pretrain") else ("train", "output.run_dir")
@@ -155,20 +217,34 @@ def test_checkpoint_estimate_bounds_the_real_file(data, tmp_path, capsys, monkey
     assert size <= need <= 2 * size + preflight.SIZE_SLACK
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(data, tmp_path, capsys, monkeypatch):
-    save, calls = torch.save, []
+# How a full disk surfaces from torch.save: as the file's own OSError, or (torch 2.x's zip writer,
+# after a short write) as a RuntimeError; and the reason the one-line error then gives.
+WRITE_FAILURES = {
+    "OSError": (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    "zip writer": (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                   "the write failed, is the disk full? ([enforce fail at inline_container.cc:672] . "
+                   "unexpected pos 704 vs 598)"),
+}
+
+
+@pytest.mark.parametrize("failure", WRITE_FAILURES)
+def test_failed_checkpoint_write_keeps_the_previous_one(data, tmp_path, capsys, monkeypatch, failure):
+    error, reason = WRITE_FAILURES[failure]
+    save, calls, previous = torch.save, [], []
 
     def disk_fills(obj, fh):
         calls.append(1)
         if len(calls) == 2:
+            previous.append((tmp_path / "last.pt").read_bytes())
             fh.write(b"PK\x03\x04 the first bytes of a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         save(obj, fh)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", disk_fills)
     code, err = cli(capsys, *train_args(data, tmp_path, "--set", "train.checkpoint_every_steps=1"))
     assert (code, err) == (2, [f"marreid train: error: cannot write checkpoint {tmp_path / 'last.pt'} "
-                               f"(No space left on device); the previous one is kept"])
+                               f"({reason}); the previous one is kept"])
+    assert (tmp_path / "last.pt").read_bytes() == previous[0]
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 0  # the fresh run's first checkpoint
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
 
-from fakedata import make_market_tree
+from fakedata import make_market_tree, write_tiny_config
 from marreid.cli import main
 
 AUX_IDS = 4
@@ -23,17 +22,8 @@ def make_run_data(root: Path) -> dict[str, Path]:
     config names as ``train.pretrained_checkpoint``."""
     make_market_tree(root / "aux", ids=AUX_IDS, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
     make_market_tree(root / "tgt", ids=4, cams=3, per_id=4, size=(32, 16), seed=1)
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"aux_format": "market1501", "aux_root": str(root / "aux"), "target_format": "market1501",
-                 "target_root": str(root / "tgt"), "height": 32, "width": 16, "pad": 2, "num_workers": 0},
-        "model": {"arch": "tiny"},
-        "pretrain": {"epochs": 1, "batch_size": 8, "lr": 0.05},
-        "optim": {"epochs": 1, "lr": 0.05},
-        "mar": {"mining_ratio": 0.1},
-        "train": {"aux_batch": 8, "target_batch": 8, "device": "cpu", "progress": False,
-                  "pretrained_checkpoint": str(root / "pre" / "last.pt")},
-    }))
+    config = write_tiny_config(root / "tiny.yaml", root / "aux", root / "tgt", optim={"lr": 0.05},
+                               train={"pretrained_checkpoint": str(root / "pre" / "last.pt")})
     assert main(["pretrain", str(config), "--run-dir", str(root / "pre")]) == 0
     return {"root": root, "config": config, "aux": root / "aux", "tgt": root / "tgt", "pre": root / "pre"}
 

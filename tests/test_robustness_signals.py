@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import yaml
 
-from fakedata import make_market_tree
+from fakedata import make_market_tree, write_tiny_config
 from marreid.cli import main
 from marreid.data import loaders
 from marreid.engine import checkpoint
@@ -89,17 +88,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("signals")
     make_market_tree(root / "aux", ids=6, cams=2, per_id=4, size=(32, 16), junk=0, distractors=0)
     make_market_tree(root / "tgt", ids=4, cams=3, per_id=4, size=(32, 16), seed=1)
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"aux_format": "market1501", "aux_root": str(root / "aux"), "target_format": "market1501",
-                 "target_root": str(root / "tgt"), "height": 32, "width": 16, "pad": 2, "num_workers": 1},
-        "model": {"arch": "tiny"},
-        "pretrain": {"epochs": 1, "batch_size": 8, "lr": 0.05},
-        "optim": {"epochs": EPOCHS, "lr": 0.05},
-        "mar": {"mining_ratio": 0.1},
-        "train": {"aux_batch": 8, "target_batch": 8, "device": "cpu", "progress": False, "seed": SEED,
-                  "pretrained_checkpoint": str(root / "pre" / "last.pt")},
-    }))
+    config = write_tiny_config(root / "tiny.yaml", root / "aux", root / "tgt", data={"num_workers": 1},
+                               optim={"epochs": EPOCHS, "lr": 0.05},
+                               train={"seed": SEED, "pretrained_checkpoint": str(root / "pre" / "last.pt")})
     assert main(["pretrain", str(config), "--run-dir", str(root / "pre"), "--set", "data.num_workers=0"]) == 0
     return {"root": root, "config": config}
 

@@ -1,8 +1,8 @@
 """The typed run configuration: nested dataclasses, YAML loading and ``--set`` overrides.
 
 Every field has a default, so an empty file (or none) is a valid configuration.
-Defaults follow the paper's recipe (/work/shared/reference/METHOD.md); the
-presets in ``configs/`` spell every value out.
+Defaults follow the paper's recipe (MAR, CVPR 2019: the main text, supplementary
+Sec. 3 and the authors' release); the presets in ``configs/`` spell every value out.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from typing import Any
 
 import yaml
 
-from marreid.errors import ConfigError
+from marreid.data.sample import SPLITS
+from marreid.errors import ConfigError, read_utf8
+from marreid.metrics.distance import METRICS
+from marreid.metrics.rank import AP_RULES
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-AP_RULES = ("plain", "trapezoid", "mar-release")
-METRICS = ("cosine", "euclidean")
+FORWARDS = ("per_domain", "joint")
+INIT_PASSES = ("all", "release")
 DEVICES = ("auto", "cpu", "cuda")
-SPLITS = ("train", "query", "gallery")
 
 
 @dataclass
@@ -89,7 +91,13 @@ class PretrainConfig:
 
 @dataclass
 class MarConfig:
-    """MAR's loss weights, mining and state momenta (Eq. 10 and the release's values)."""
+    """MAR's loss weights, mining and state momenta (Eq. 10 and the release's values).
+
+    ``init_pass``: the target pass that initialises L_CML's mu / sigma and L_MDL's T,
+    in eval mode: ``all`` (every training image, test transform) or ``release`` (the
+    release's training loader: a seeded shuffle, training augmentation, the last
+    incomplete ``train.target_batch`` batch dropped).
+    """
 
     lambda_cml: float = 2e-4
     lambda_ral: float = 50.0
@@ -106,6 +114,7 @@ class MarConfig:
     use_mdl: bool = True
     hard_labels: bool = False
     positives: str = "agreement"
+    init_pass: str = "all"
 
 
 @dataclass
@@ -134,7 +143,12 @@ class TrainConfig:
     (the run checkpoints and stops there); 0 for the ``*_every_*`` options means never.
     ``amp``: autocast the forward pass (bf16 where the device supports it, else fp16
     with loss scaling); the losses stay float32. ``channels_last``: NHWC weights and
-    inputs. ``sync_bn``: under torchrun, BatchNorm statistics over the global batch.
+    inputs. ``sync_bn``: under torchrun, BatchNorm statistics over the global batch
+    (joint forward only).
+    ``forward``: ``per_domain`` (the release: auxiliary and target images in separate
+    BatchNorm batches) or ``joint`` (one pass over both domains). ``bn_batch``: images per
+    BatchNorm batch within a domain (per_domain only; None: the domain's whole batch;
+    46 is the release's 184 images over 4 GPUs). See ``engine.forward``.
     """
 
     pretrained_checkpoint: str | None = None
@@ -152,16 +166,24 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = False
     sync_bn: bool = False
+    forward: str = "per_domain"
+    bn_batch: int | None = None
 
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation on the target's query / gallery."""
+    """Retrieval evaluation on the target's query / gallery; ``rerank`` adds the metrics after
+    k-reciprocal re-ranking (Zhong et al., CVPR 2017) with ``rerank_k1``, ``rerank_k2`` and
+    ``rerank_lambda`` (the paper's 20, 6, 0.3)."""
 
     ap_rule: str = "plain"
     metric: str = "cosine"
     batch_size: int = 256
     max_rank: int = 50
+    rerank: bool = False
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
 
 
 @dataclass
@@ -284,9 +306,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.aux_splits: name at least one split")
     for key in ("data.height", "data.width", "train.aux_batch", "train.target_batch",
                 "pretrain.batch_size", "pretrain.epochs", "optim.epochs",
-                "eval.batch_size", "eval.max_rank", "model.scale", "optim.lr", "pretrain.lr"):
+                "eval.batch_size", "eval.max_rank", "eval.rerank_k1", "eval.rerank_k2",
+                "model.scale", "optim.lr", "pretrain.lr"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
+    if not 0.0 <= cfg.eval.rerank_lambda <= 1.0:
+        raise ConfigError(f"eval.rerank_lambda: must be in [0, 1], got {cfg.eval.rerank_lambda!r}")
     for key in ("data.pad", "data.num_workers", "train.checkpoint_every_steps",
                 "train.eval_every_epochs", "optim.weight_decay", "pretrain.weight_decay",
                 "mar.mdl_start_epoch"):
@@ -305,6 +330,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mar.mining_ratio: must be in (0, 1], got {cfg.mar.mining_ratio}")
     resolve_milestones(cfg.optim.milestones, cfg.optim.epochs, "optim.milestones")
     resolve_milestones(cfg.pretrain.milestones, cfg.pretrain.epochs, "pretrain.milestones")
+    _check_choice(cfg.mar.init_pass, INIT_PASSES, "mar.init_pass")
+    _validate_forward(cfg.train)
+
+
+def _validate_forward(t: TrainConfig) -> None:
+    """``train.forward`` / ``bn_batch`` / ``sync_bn`` together (engine.forward plans the groups)."""
+    _check_choice(t.forward, FORWARDS, "train.forward")
+    if t.forward == "joint":
+        if t.bn_batch is not None:
+            raise ConfigError("train.bn_batch: only train.forward=per_domain cuts a domain into BatchNorm batches")
+        return
+    if t.sync_bn:
+        raise ConfigError("train.sync_bn: synchronised BatchNorm would pool both domains; it needs train.forward=joint "
+                          "(per_domain uses train.bn_batch for batches that do not depend on the process count)")
+    if t.bn_batch is not None:
+        if t.bn_batch < 2:
+            raise ConfigError(f"train.bn_batch: BatchNorm needs at least 2 images per batch, got {t.bn_batch}")
+        for key, batch in (("train.aux_batch", t.aux_batch), ("train.target_batch", t.target_batch)):
+            if batch % t.bn_batch:
+                raise ConfigError(f"train.bn_batch={t.bn_batch} does not divide {key}={batch}")
 
 
 def resolve_milestones(milestones: list[float], epochs: int, key: str = "milestones") -> list[int]:
@@ -405,7 +450,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = (
         if not p.is_file():
             raise ConfigError(f"configuration file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.safe_load(read_utf8(p, ConfigError))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return config_from_dict(data, overrides, where)

@@ -149,5 +149,51 @@ def write_curves(log_path: str | Path, out_dir: str | Path) -> dict:
     }
 
 
+COMPARED = ("rank1", "rank5", "rank10", "mAP")
+
+
+def comparison_rows(runs: list[tuple[str, list[dict]]], start: dict | None = None) -> list[list]:
+    """Rows ``[run, step, rank1, rank5, rank10, mAP]`` of every evaluation of every run (last record
+    of a step wins), in the runs' order then by step. ``start`` (metrics of the checkpoint every
+    run began from, e.g. direct transfer) is written as each run's step 0 unless it logged one."""
+    rows = []
+    for label, records in runs:
+        evals = latest_per_step(r for r in records if r.get("kind") == "eval")
+        if start is not None and not any(r["step"] == 0 for r in evals):
+            evals = [{"step": 0, **start}, *evals]
+        rows += [[label, r["step"], *(as_number(r.get(key)) for key in COMPARED)] for r in evals]
+    return rows
+
+
+def write_eval_comparison(runs: list[tuple[str, str | Path]], out_dir: str | Path,
+                          start: dict | None = None, name: str = "compare") -> dict:
+    """``{name}.csv`` (every evaluation of every run) and ``{name}.png`` (rank-1 and mAP against
+    steps, one line per run) from the runs' log.jsonl files, given as (label, path).
+
+    Returns ``{"png", "csv", "rows"}``; DatasetError when a log has no evaluation at all.
+    """
+    logs = [(label, read_run_log(path)) for label, path in runs]
+    for (label, records), (_, path) in zip(logs, runs):
+        if not any(r.get("kind") == "eval" for r in records):
+            raise DatasetError(f"{path}: no evaluation records (run {label!r} was never evaluated)")
+    rows = comparison_rows(logs, start)
+    panels = []
+    for key, title in (("rank1", "rank-1 (%)"), ("mAP", "mAP (%)")):
+        at = 2 + COMPARED.index(key)
+        lines = []
+        for label, _ in runs:
+            points = [(row[1], 100.0 * row[at]) for row in rows if row[0] == label and row[at] is not None]
+            lines.append((label, [p[0] for p in points], [p[1] for p in points]))
+        panels.append((title, lines))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{name}.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run", "step", *COMPARED])
+        writer.writerows([[row[0], row[1], *("" if v is None else repr(v) for v in row[2:])] for row in rows])
+    return {"png": plot_curves(panels, out_dir / f"{name}.png"), "csv": csv_path, "rows": len(rows)}
+
+
 __all__ = ["as_number", "latest_per_step", "series_table", "step_table", "eval_table", "panel_groups", "column",
-           "read_run_log", "write_table", "write_curves"]
+           "read_run_log", "write_table", "write_curves", "comparison_rows", "write_eval_comparison"]

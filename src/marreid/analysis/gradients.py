@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from marreid.config import Config
+from marreid.engine.forward import BatchNormGroups, GroupedForward, plan_groups
 from marreid.errors import CheckpointError, ConfigError
 from marreid.losses import MARLoss
 
@@ -25,18 +26,21 @@ TERM_SWITCHES = {"mdl": "use_mdl", "cml": "use_cml", "al": "use_al", "rj": "use_
 
 
 def term_gradients(model: torch.nn.Module, loss: MARLoss, aux_images: Tensor, aux_labels: Tensor,
-                   tgt_images: Tensor, tgt_camids: Tensor, tgt_index: Tensor, mdl_on: bool = True
-                   ) -> dict[str, Tensor]:
+                   tgt_images: Tensor, tgt_camids: Tensor, tgt_index: Tensor, mdl_on: bool = True,
+                   groups: BatchNormGroups | None = None) -> dict[str, Tensor]:
     """The flattened backbone gradient of each weighted term of Eq. 10 that ``loss`` has switched on.
 
     One forward pass of ``model`` (as it is: train mode gives batch statistics)
-    over the auxiliary and target images together, as in training; the loss is
-    taken in eval mode, so its memory, T and running statistics stay as they are.
+    over the auxiliary and target images in the BatchNorm ``groups`` training uses
+    (``MARTrainer.bn_groups``; None: one joint batch); the loss is taken in eval
+    mode, so its memory, T and running statistics stay as they are.
     The agents are left out: only L_AL reaches them.
     """
     params = [p for p in model.backbone.parameters() if p.requires_grad]
-    feat, logits = model(torch.cat([aux_images, tgt_images]))
     n_aux = len(aux_images)
+    if groups is None:
+        groups = plan_groups(n_aux, len(tgt_images), "joint", None)
+    feat, logits = GroupedForward(model)(torch.cat([aux_images, tgt_images]), groups)
     enabled = [name for name, switch in TERM_SWITCHES.items() if getattr(loss, switch)]
     saved = {switch: getattr(loss, switch) for switch in TERM_SWITCHES.values()}
     was_training = loss.training
@@ -103,7 +107,7 @@ def checkpoint_gradient_shares(cfg: Config, state: dict, checkpoint: str | Path,
             dev = trainer.device
             for _, aux, tgt in trainer.batches.iterate(cfg.mar.mdl_start_epoch):
                 grads = term_gradients(trainer.model, trainer.loss, aux[0].to(dev), aux[1].to(dev),
-                                       tgt[0].to(dev), tgt[2].to(dev), tgt[3].to(dev))
+                                       tgt[0].to(dev), tgt[2].to(dev), tgt[3].to(dev), groups=trainer.bn_groups)
                 per_batch.append(gradient_shares(grads))
                 if len(per_batch) == batches:
                     break

@@ -3,14 +3,13 @@
 Figures are built as ``matplotlib.figure.Figure`` objects on an Agg canvas (no
 pyplot, no global backend switch) and saved without tight cropping, so a PNG is
 exactly ``width_px`` x ``height_px``. Grids are drawn with PIL at the pixel positions
-of :class:`marreid.analysis.ranklist.GridLayout`, so every frame lands on known pixels.
+of :class:`GridLayout`, so every frame lands on known pixels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,9 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from marreid.data.loaders import IMAGE_ERRORS
-
-if TYPE_CHECKING:
-    from marreid.analysis.ranklist import GridLayout
+from marreid.errors import ConfigError
 
 DPI = 100
 # the curves figure: panels per row and each panel's size in pixels
@@ -40,6 +37,52 @@ class Tile:
     path: str | None
     colour: tuple[int, int, int]
     caption: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel geometry of a ranked-list grid: one row per query, the query in column 0, then
+    ``cols`` ranked gallery images. Each tile is an image of ``tile_h`` x ``tile_w`` inside a
+    frame ``border`` pixels wide, with a caption strip below; ``gap`` separates tiles and
+    ``query_gap`` more sets the query column apart."""
+
+    rows: int
+    cols: int
+    tile_h: int = 128
+    tile_w: int = 64
+    border: int = 4
+    gap: int = 6
+    query_gap: int = 12
+    caption: int = 26
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols", "tile_h", "tile_w"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"grid {name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def cell_h(self) -> int:
+        """Framed tile plus caption."""
+        return self.tile_h + 2 * self.border + self.caption
+
+    @property
+    def cell_w(self) -> int:
+        """Framed tile width (a caption is as wide)."""
+        return self.tile_w + 2 * self.border
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the whole grid in pixels."""
+        height = self.gap + self.rows * (self.cell_h + self.gap)
+        width = self.gap + (self.cols + 1) * (self.cell_w + self.gap) + self.query_gap
+        return height, width
+
+    def origin(self, row: int, col: int) -> tuple[int, int]:
+        """(y, x) of the outer top-left pixel of the frame in ``row``, ``col`` (0 = the query)."""
+        if not (0 <= row < self.rows and 0 <= col <= self.cols):
+            raise IndexError(f"cell ({row}, {col}) outside a {self.rows} x {self.cols + 1} grid")
+        y = self.gap + row * (self.cell_h + self.gap)
+        x = self.gap + col * (self.cell_w + self.gap) + (self.query_gap if col > 0 else 0)
+        return y, x
 
 
 def new_figure(width_px: int, height_px: int) -> Figure:
@@ -159,5 +202,5 @@ def plot_curves(panels: list[tuple[str, list[tuple[str, list[float], list[float]
     return save_figure(fig, path)
 
 
-__all__ = ["Tile", "new_figure", "save_figure", "render_grid", "save_png", "plot_histograms", "plot_sweep",
+__all__ = ["Tile", "GridLayout", "new_figure", "save_figure", "render_grid", "save_png", "plot_histograms", "plot_sweep",
            "plot_curves", "curves_size"]

@@ -1,6 +1,6 @@
 """Ranked lists: what each gallery image is to its query under the Market-1501 protocol,
-which queries to show, where every tile of a ranked-list grid goes, and the grid and
-table written from them."""
+which queries to show, and the grid (laid out by ``plotting.GridLayout``) and table written
+from them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marreid.analysis.plotting import Tile, render_grid, save_png
+from marreid.analysis.plotting import GridLayout, Tile, render_grid, save_png
 from marreid.data import Sample
 from marreid.errors import ConfigError
 from marreid.metrics.search import topk_search
@@ -67,52 +67,6 @@ def choose_queries(num_query: int, count: int | None = None, indices: Sequence[i
         raise ConfigError(f"--queries must be at least 1, got {count}")
     rng = np.random.default_rng(seed)
     return sorted(int(i) for i in rng.choice(num_query, size=min(count, num_query), replace=False))
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """Pixel geometry of a ranked-list grid: one row per query, the query in column 0, then
-    ``cols`` ranked gallery images. Each tile is an image of ``tile_h`` x ``tile_w`` inside a
-    frame ``border`` pixels wide, with a caption strip below; ``gap`` separates tiles and
-    ``query_gap`` more sets the query column apart."""
-
-    rows: int
-    cols: int
-    tile_h: int = 128
-    tile_w: int = 64
-    border: int = 4
-    gap: int = 6
-    query_gap: int = 12
-    caption: int = 26
-
-    def __post_init__(self) -> None:
-        for name in ("rows", "cols", "tile_h", "tile_w"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"grid {name} must be at least 1, got {getattr(self, name)}")
-
-    @property
-    def cell_h(self) -> int:
-        """Framed tile plus caption."""
-        return self.tile_h + 2 * self.border + self.caption
-
-    @property
-    def cell_w(self) -> int:
-        """Framed tile width (a caption is as wide)."""
-        return self.tile_w + 2 * self.border
-
-    def size(self) -> tuple[int, int]:
-        """(height, width) of the whole grid in pixels."""
-        height = self.gap + self.rows * (self.cell_h + self.gap)
-        width = self.gap + (self.cols + 1) * (self.cell_w + self.gap) + self.query_gap
-        return height, width
-
-    def origin(self, row: int, col: int) -> tuple[int, int]:
-        """(y, x) of the outer top-left pixel of the frame in ``row``, ``col`` (0 = the query)."""
-        if not (0 <= row < self.rows and 0 <= col <= self.cols):
-            raise IndexError(f"cell ({row}, {col}) outside a {self.rows} x {self.cols + 1} grid")
-        y = self.gap + row * (self.cell_h + self.gap)
-        x = self.gap + col * (self.cell_w + self.gap) + (self.query_gap if col > 0 else 0)
-        return y, x
 
 
 @dataclass(frozen=True)
@@ -177,5 +131,5 @@ def write_ranked_lists(lists: list[RankedList], query: Sequence[Sample], gallery
 
 
 __all__ = ["MATCH", "FALSE", "SAME_CAMERA", "JUNK", "IGNORED", "QUERY", "RESULT", "FRAME_COLOURS",
-           "frame_status", "frame_statuses", "choose_queries", "GridLayout", "RankedList", "ranked_lists",
+           "frame_status", "frame_statuses", "choose_queries", "RankedList", "ranked_lists",
            "identity_caption", "write_ranked_lists"]

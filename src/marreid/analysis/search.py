@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from marreid.analysis.plotting import Tile, render_grid, save_png
-from marreid.analysis.ranklist import FRAME_COLOURS, QUERY, RESULT, GridLayout
+from marreid.analysis.plotting import GridLayout, Tile, render_grid, save_png
+from marreid.analysis.ranklist import FRAME_COLOURS, QUERY, RESULT
 from marreid.config import Config
 from marreid.data import Sample
 from marreid.data.sample import is_image

@@ -1,16 +1,17 @@
 """Supplementary Fig. S2: one MAR run per value of a loss parameter (the mining ratio p, beta, ...),
 all from one pretrained checkpoint, then rank-1 and mAP against the value.
 
-Each value trains into ``out_dir/<param>_<value>``; a value whose run finished under the same
-configuration is reused, a run that was interrupted resumes from its checkpoint, so a sweep
-can be stopped and started again.
+Each value trains into ``out_dir/<param>_<value>``, and ``engine.stages.plan_stage`` decides
+what becomes of it, the whole run configuration being its options: a value whose run finished
+under the same configuration is reused, a run that was interrupted resumes from its checkpoint,
+so a sweep can be stopped and started again. A folder holding a run of another configuration
+is refused, not cleared: ``--out`` is the user's folder, and what is in it may not be the sweep's.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import typing
 from collections.abc import Callable, Sequence
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from marreid.analysis.plotting import plot_sweep
 from marreid.config import Config, MarConfig, config_from_dict, config_to_dict, load_config
-from marreid.engine.pretrain import LAST, run_pretrain
+from marreid.engine.pretrain import run_pretrain
+from marreid.engine.stages import RESTART, RESUME, SKIP, plan_stage, read_json, write_json
 from marreid.engine.train import pretrained_path, run_train
 from marreid.errors import CheckpointError, ConfigError, TrainingError
 
@@ -79,25 +81,31 @@ def ensure_pretrained(cfg: Config, report: Callable[[str], None]) -> Path:
     return Path(result["checkpoint"])
 
 
-def finished_metrics(run_dir: Path, cfg: Config) -> dict | None:
-    """The metrics of a run this sweep finished in ``run_dir`` with exactly ``cfg``, if any."""
-    result = run_dir / RESULT_FILE
-    if not result.is_file():
-        return None
-    saved = json.loads(result.read_text())
-    if saved.get("config") != json.loads(json.dumps(config_to_dict(cfg))):
-        return None
-    return saved["metrics"]
-
-
-def resumable(run_dir: Path, cfg: Config) -> bool:
-    """True when ``run_dir`` holds a checkpointed run of ``cfg``; ConfigError when it holds another run."""
+def recorded_config(run_dir: Path) -> dict | None:
+    """The configuration of the run in ``run_dir`` (its ``config.yaml``), as a dict; None when there is none."""
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return False
-    if load_config(saved) != cfg:
-        raise ConfigError(f"{run_dir} holds a run with another configuration; pass another --out or remove it")
-    return (run_dir / LAST).is_file()
+    return config_to_dict(load_config(saved)) if saved.is_file() else None
+
+
+def value_metrics(run_dir: Path, cfg: Config, label: str, report: Callable[[str], None]) -> tuple[dict, bool]:
+    """The metrics of one value's run of ``cfg`` in ``run_dir``, and whether a finished run was reused:
+    trained, resumed or reused as ``plan_stage`` decides; ConfigError for a folder of another run."""
+    options = config_to_dict(cfg)
+    saved = read_json(run_dir / RESULT_FILE)
+    plan = plan_stage(run_dir, options, saved.get("config") if saved else None, recorded_config(run_dir))
+    if plan.action == SKIP:
+        report(f"{label}: reusing the finished run in {run_dir}")
+        return saved["metrics"], True
+    if plan.action == RESTART:
+        raise ConfigError(f"{run_dir} holds a run with another configuration ({plan.changes()}); "
+                          f"pass another --out or remove it")
+    resume = plan.action == RESUME
+    report(f"{label}: {'resuming' if resume else 'training'} in {run_dir}")
+    result = run_train(cfg, resume=resume)
+    if result["metrics"] is None:
+        raise TrainingError(f"{label}: training stopped before evaluation ({result['checkpoint']})")
+    write_json(run_dir / RESULT_FILE, {"config": options, "metrics": result["metrics"]})
+    return result["metrics"], False
 
 
 def run_sweep(cfg: Config, param: str, values: Sequence[float], out_dir: str | Path,
@@ -111,19 +119,7 @@ def run_sweep(cfg: Config, param: str, values: Sequence[float], out_dir: str | P
     for value in values:
         run_dir = out_dir / run_label(param, value)
         run_cfg = value_config(cfg, param, value, run_dir, pretrained)
-        metrics = finished_metrics(run_dir, run_cfg)
-        reused = metrics is not None
-        if reused:
-            report(f"{param}={value:g}: reusing the finished run in {run_dir}")
-        else:
-            resume = resumable(run_dir, run_cfg)
-            report(f"{param}={value:g}: {'resuming' if resume else 'training'} in {run_dir}")
-            result = run_train(run_cfg, resume=resume)
-            if result["metrics"] is None:
-                raise TrainingError(f"{param}={value:g}: training stopped before evaluation ({result['checkpoint']})")
-            metrics = result["metrics"]
-            (run_dir / RESULT_FILE).write_text(json.dumps({"config": config_to_dict(run_cfg), "metrics": metrics},
-                                                          indent=2) + "\n")
+        metrics, reused = value_metrics(run_dir, run_cfg, f"{param}={value:g}", report)
         rows.append({"param": param, "value": float(value), "rank1": metrics["rank1"], "rank5": metrics["rank5"],
                      "rank10": metrics["rank10"], "mAP": metrics["mAP"], "ap_rule": metrics["ap_rule"],
                      "steps": metrics.get("step"), "run_dir": str(run_dir), "reused": reused})
@@ -148,4 +144,4 @@ def write_sweep(rows: list[dict], out_dir: str | Path, name: str = "sweep") -> d
 
 
 __all__ = ["sweepable_params", "check_values", "run_label", "value_config", "use_log_x", "ensure_pretrained",
-           "finished_metrics", "resumable", "run_sweep", "write_sweep", "RESULT_FILE", "COLUMNS"]
+           "recorded_config", "value_metrics", "run_sweep", "write_sweep", "RESULT_FILE", "COLUMNS"]

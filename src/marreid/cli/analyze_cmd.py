@@ -9,7 +9,7 @@ from pathlib import Path
 
 from marreid.cli.common import (add_config_args, add_trust_arg, checkpoint_config, output_dir, resolved_config,
                                 yaml_string)
-from marreid.config import SPLITS
+from marreid.data.sample import SPLITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -98,9 +98,24 @@ def output_dir(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else Path(args.checkpoint).parent
 
 
+def check_output(path: str | Path, option: str, folder: bool = False) -> Path:
+    """``path`` as an output file (``folder``: an output folder), refused before any work starts
+    when it cannot become one: a folder where a file is wanted or the reverse, or a file
+    where one of its parent folders would have to be."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        wanted = "a folder" if folder else "a file name"
+        raise ConfigError(f"{option}: {path} is {'a file' if folder else 'a folder'}; give {wanted}")
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"{option}: cannot create {path}: {parent} is a file, not a folder")
+    return path
+
+
 def checkpoint_config(args: argparse.Namespace, checkpoint: str) -> tuple[Config, dict]:
     """The loaded ``checkpoint`` and the configuration to run it with: its own unless
-    ``--config``, then ``--set``, ``--device`` and ``--trust-checkpoint``."""
+    ``--config``, then ``--set``, ``--device`` and ``--trust-checkpoint``. Its weights must
+    be finite: a diverged run's NaN would otherwise surface as NaN distances or features."""
     from marreid.config import config_from_dict
     from marreid.engine.checkpoint import load_checkpoint
 
@@ -110,11 +125,11 @@ def checkpoint_config(args: argparse.Namespace, checkpoint: str) -> tuple[Config
     trust = getattr(args, "trust_checkpoint", False)
     if trust:
         overrides.append("model.trust_checkpoint=true")
-    state = load_checkpoint(checkpoint, trust=trust)
+    state = load_checkpoint(checkpoint, trust=trust, finite=True)
     if args.config or "config" not in state:
         return load_config(args.config, overrides), state
     return config_from_dict(state["config"], overrides, where=f"{checkpoint} (its configuration)"), state
 
 
 __all__ = ["add_config_args", "add_run_args", "add_trust_arg", "resolved_config", "yaml_string", "print_metrics",
-           "checkpoint_config", "stopped_by_signal", "output_dir"]
+           "checkpoint_config", "stopped_by_signal", "output_dir", "check_output"]

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, print_metrics
-from marreid.config import AP_RULES
+from marreid.cli.common import add_config_args, add_trust_arg, check_output, checkpoint_config, print_metrics
+from marreid.metrics.rank import AP_RULES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset-root", metavar="R", help="dataset to evaluate on (default: the target)")
     parser.add_argument("--ap-rule", choices=AP_RULES, help="how AP is computed (default: eval.ap_rule, plain)")
     parser.add_argument("--out", metavar="JSON", help="also write the metrics to this JSON file")
+    parser.add_argument("--rerank", action="store_true",
+                        help="also report the metrics after k-reciprocal re-ranking (Zhong et al., CVPR 2017; "
+                             "sets eval.rerank)")
+    parser.add_argument("--k1", type=int, metavar="K",
+                        help="re-ranking's k1 (default: eval.rerank_k1, 20; implies --rerank)")
+    parser.add_argument("--k2", type=int, metavar="K",
+                        help="re-ranking's k2 (default: eval.rerank_k2, 6; implies --rerank)")
+    parser.add_argument("--lambda", dest="rerank_lambda", type=float, metavar="L",
+                        help="re-ranking's weight of the original distance (default: eval.rerank_lambda, 0.3; "
+                             "implies --rerank)")
     add_trust_arg(parser)
     parser.set_defaults(func=run)
 
@@ -31,8 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from marreid.engine.extract import evaluate_model, load_target, model_from_checkpoint, resolve_device
 
+    if args.out:
+        check_output(args.out, "--out")  # now, not after the metrics are computed
     if args.ap_rule:
         args.overrides = [*args.overrides, f"eval.ap_rule={args.ap_rule}"]
+    rerank_options = {"eval.rerank_k1": args.k1, "eval.rerank_k2": args.k2, "eval.rerank_lambda": args.rerank_lambda}
+    rerank_options = {key: value for key, value in rerank_options.items() if value is not None}
+    if args.rerank or rerank_options:
+        rerank_options["eval.rerank"] = "true"
+    args.overrides = [*args.overrides, *(f"{key}={value}" for key, value in rerank_options.items())]
     cfg, state = checkpoint_config(args, args.checkpoint)
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
@@ -43,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_model(model, dataset, cfg, device)
     metrics["checkpoint"] = str(args.checkpoint)
     print_metrics(metrics)
+    if "rerank" in metrics:
+        again = metrics["rerank"]
+        print(f"re-ranked (k1 {again['k1']}, k2 {again['k2']}, lambda {again['lambda']}): "
+              f"rank-1 {100 * again['rank1']:.1f}  rank-5 {100 * again['rank5']:.1f}  "
+              f"rank-10 {100 * again['rank10']:.1f}  mAP {100 * again['mAP']:.1f}")
     text = json.dumps(metrics, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

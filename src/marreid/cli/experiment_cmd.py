@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from marreid.cli.common import add_config_args, resolved_config
+from marreid.engine.variants import known_variants
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,13 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(parser)
     parser.add_argument("--run-dir", metavar="DIR", help="the run folder (default: runs/<CONFIG's name>)")
     parser.add_argument("--variants", default="mar", metavar="V1,V2",
-                        help="MAR variants to train (default: mar); known: mar, no_cml, no_mdl, no_rj, "
-                             "hard_labels, no_ral, feature_mining")
+                        help=f"MAR variants to train (default: mar); known: {known_variants()}")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from marreid.engine.pipeline import RESULTS_JSON, RESULTS_MD, parse_variants, run_pipeline
+    from marreid.engine.pipeline import RESULTS_JSON, RESULTS_MD, run_pipeline
+    from marreid.engine.variants import parse_variants
 
     variants = parse_variants(args.variants)
     cfg = resolved_config(args)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from marreid.cli.common import add_config_args, add_trust_arg
-from marreid.config import SPLITS
+from marreid.data.sample import SPLITS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,12 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from marreid.cli.common import checkpoint_config
+    from marreid.cli.common import check_output, checkpoint_config
     from marreid.data import Sample
     from marreid.data.sample import is_image
     from marreid.engine.extract import eval_transform, extract_features, load_target, model_from_checkpoint, resolve_device
     from marreid.errors import DatasetError
 
+    check_output(args.out, "--out")  # before the features are computed
     cfg, state = checkpoint_config(args, args.checkpoint)
     if args.images:
         folder = Path(args.images)

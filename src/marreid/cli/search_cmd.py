@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, output_dir
+from marreid.cli.common import add_config_args, add_trust_arg, check_output, checkpoint_config, output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marreid.analysis.ranklist import GridLayout
+    from marreid.analysis.plotting import GridLayout
     from marreid.analysis.search import (Gallery, cache_key, cache_path, folder_samples, load_feature_file,
                                          read_cache, save_feature_file, search, write_search_results)
     from marreid.data import Sample
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(query).is_file() or not is_image(query):
             raise DatasetError(f"query image not found or not an image file: {query}")
     cfg, state = checkpoint_config(args, args.checkpoint)
-    out = output_dir(args)
+    out = check_output(output_dir(args), "--out", folder=True)  # before the gallery is extracted
     device = resolve_device(cfg.train.device)
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
     common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,

@@ -1,16 +1,20 @@
-"""``marreid visualize``: ranked-list grids of a checkpoint (``ranks``) and a run's training curves (``curves``)."""
+"""``marreid visualize``: ranked-list grids of a checkpoint (``ranks``), a run's training curves
+(``curves``) and several runs' evaluations against steps (``compare``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from marreid.cli.common import add_config_args, add_trust_arg, checkpoint_config, output_dir
+from marreid.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("visualize", help="ranked-list grids and training curves",
-                                   description="ranks: query / top-k gallery grids; curves: a run's training curves.")
+                                   description="ranks: query / top-k gallery grids; curves: a run's training curves; "
+                                               "compare: several runs' evaluations against steps.")
     sub = parser.add_subparsers(dest="view", metavar="VIEW", required=True)
 
     ranks = sub.add_parser(
@@ -48,9 +52,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     curves.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR)")
     curves.set_defaults(func=run_curves)
 
+    compare = sub.add_parser(
+        "compare",
+        help="rank-1 and mAP against steps of several runs, in one plot and one CSV",
+        description="Reads each RUN_DIR/log.jsonl's evaluations (train.eval_every_epochs and the final "
+                    "one) and writes NAME.png (rank-1 and mAP against steps, one line per run) and NAME.csv "
+                    "to --out. Runs that started from the same checkpoint can share its metrics as step 0 "
+                    "(--start, e.g. the direct-transfer JSON of `marreid evaluate --out`).",
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="MAR run folders")
+    compare.add_argument("--label", action="append", metavar="NAME",
+                         help="a name per run, in order (default: the folder names)")
+    compare.add_argument("--start", metavar="JSON", help="metrics of the common starting checkpoint, as step 0")
+    compare.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    compare.add_argument("--name", default="compare", help="file name stem (default: compare)")
+    compare.set_defaults(func=run_compare)
+
 
 def run_ranks(args: argparse.Namespace) -> int:
-    from marreid.analysis.ranklist import FALSE, MATCH, GridLayout, choose_queries, ranked_lists, write_ranked_lists
+    from marreid.analysis.plotting import GridLayout
+    from marreid.analysis.ranklist import FALSE, MATCH, choose_queries, ranked_lists, write_ranked_lists
     from marreid.engine.extract import (eval_transform, extract_features, load_target, model_from_checkpoint,
                                         resolve_device)
     from marreid.errors import ConfigError, DatasetError
@@ -91,4 +112,26 @@ def run_curves(args: argparse.Namespace) -> int:
     result = write_curves(run_dir / "log.jsonl", Path(args.out) if args.out else run_dir)
     print(f"{result['steps']} steps and {result['evals']} evaluations in {result['panels']} panels")
     print(f"wrote {result['png']}, {result['steps_csv']} and {result['eval_csv']}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from marreid.analysis.curves import write_eval_comparison
+
+    runs = [Path(d) for d in args.run_dirs]
+    labels = args.label or [d.name for d in runs]
+    if len(labels) != len(runs):
+        raise ConfigError(f"--label: {len(labels)} names for {len(runs)} runs (give one per RUN_DIR)")
+    start = None
+    if args.start:
+        try:
+            start = json.loads(Path(args.start).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--start {args.start}: not a readable metrics JSON ({exc})") from None
+        if not isinstance(start, dict) or "mAP" not in start:
+            raise ConfigError(f"--start {args.start}: no mAP in it (expected `marreid evaluate --out` output)")
+    result = write_eval_comparison([(label, d / "log.jsonl") for label, d in zip(labels, runs)], args.out,
+                                   start, args.name)
+    print(f"{result['rows']} evaluations of {len(runs)} runs")
+    print(f"wrote {result['png']} and {result['csv']}")
     return 0

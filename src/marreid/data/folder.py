@@ -17,10 +17,12 @@ order. Both mappings are shared by the three splits, so query and gallery agree.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
 from marreid.data.sample import (
+    SPLITS,
     ReidDataset,
     Sample,
     drop_junk,
@@ -30,9 +32,8 @@ from marreid.data.sample import (
     require_dir,
     require_samples,
 )
-from marreid.errors import ConfigError, DatasetError
+from marreid.errors import ConfigError, DatasetError, read_utf8
 
-SPLITS = ("train", "query", "gallery")
 MANIFEST_COLUMNS = ("path", "pid", "camid")
 
 # (image path, identity name, camera name or None) before names become numbers
@@ -74,8 +75,8 @@ def read_identity_folders(folder: Path) -> list[Entry]:
 
 
 def read_manifest(csv_path: Path) -> list[Sample]:
-    """Samples of a ``path,pid,camid`` CSV manifest."""
-    with csv_path.open(newline="") as handle:
+    """Samples of a ``path,pid,camid`` CSV manifest (UTF-8, with or without Excel's byte-order mark)."""
+    with io.StringIO(read_utf8(csv_path, DatasetError), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -24,6 +24,7 @@ from marreid.errors import ConfigError, DatasetError
 
 AUX_STREAM = 0
 TARGET_STREAM = 1
+INIT_STREAM = 2  # the order of the release's initialisation pass (augmented_pass_loader)
 SEED_MASK = (1 << 64) - 1
 # what PIL raises on an unreadable, truncated or hostile file
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -153,6 +154,26 @@ def plain_loader(
     return make_loader(
         ImageDataset(samples, transform), num_workers, pin_memory, batch_size=batch_size, shuffle=False
     )
+
+
+def augmented_pass_loader(
+    samples: Sequence[Sample],
+    transform: Callable[[Image.Image, int | None], torch.Tensor],
+    seed: int,
+    drop_to: int,
+    batch_size: int,
+    num_workers: int = 0,
+) -> ReidDataLoader:
+    """One seeded shuffled pass over ``samples`` with ``transform`` (training augmentation),
+    cut to a whole number of ``drop_to``-image batches as a ``drop_last`` loader would;
+    yielded in batches of ``batch_size``. The order and every sample's augmentation
+    follow from ``seed`` alone (augmentation: ``sample_seed`` with epoch -1, the pass
+    before training)."""
+    order = np.random.default_rng([seed, INIT_STREAM]).permutation(len(samples))
+    order = order[: len(samples) // drop_to * drop_to]
+    items = [(int(index), sample_seed(seed, -1, 0, slot, TARGET_STREAM)) for slot, index in enumerate(order)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return make_loader(ImageDataset(samples, transform), num_workers, False, batch_sampler=batches)
 
 
 class _PairedItems(Dataset):

@@ -32,6 +32,18 @@ def holds_market_layout(folder: Path) -> bool:
     return all((folder / sub).is_dir() for sub in MARKET_FOLDERS.values())
 
 
+def missing_market_folder(folder: Path) -> Path | None:
+    """The first split folder missing from a Market-style layout that ``folder`` begins (it has
+    ``bounding_box_train/`` or ``bounding_box_test/``) but does not complete; None otherwise.
+
+    Without this, a tree short of ``query/`` would be read as a folder dataset whose
+    identities are the split folders' names.
+    """
+    if not any((folder / MARKET_FOLDERS[split]).is_dir() for split in ("train", "gallery")):
+        return None
+    return next((folder / sub for sub in MARKET_FOLDERS.values() if not (folder / sub).is_dir()), None)
+
+
 def parse_pid_cam(path: Path) -> tuple[int, int]:
     """(pid, 0-based camid) from a ``PID_cCAM...`` file name."""
     match = PID_CAM.match(path.name)

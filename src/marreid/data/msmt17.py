@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from marreid.data.sample import ReidDataset, Sample, locate_root, require_dir, require_samples
-from marreid.errors import DatasetError
+from marreid.errors import DatasetError, read_utf8
 
 MSMT_VERSIONS = {"v1": ("train", "test"), "v2": ("mask_train_v2", "mask_test_v2")}
 SPLIT_LISTS = {"train": ("list_train.txt", "list_val.txt"), "query": ("list_query.txt",), "gallery": ("list_gallery.txt",)}
@@ -28,6 +28,18 @@ def msmt_folders(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+def missing_msmt_part(folder: Path) -> Path | None:
+    """The first list file or train image folder missing from an MSMT17 layout that ``folder``
+    begins (it has one of the ``list_*.txt`` files) but does not complete; None otherwise."""
+    lists = [folder / name for names in SPLIT_LISTS.values() for name in names]
+    if not any(path.is_file() for path in lists):
+        return None
+    missing = next((path for path in lists if not path.is_file()), None)
+    if missing is None and msmt_folders(folder) is None:
+        return folder / MSMT_VERSIONS["v1"][0]
+    return missing
+
+
 def parse_camera(name: str, where: str) -> int:
     """0-based camera from the third ``_`` field of an MSMT17 file name."""
     fields = name.split("_")
@@ -41,7 +53,7 @@ def read_list(list_file: Path, image_dir: Path) -> list[Sample]:
     if not list_file.is_file():
         raise DatasetError(f"missing list file {list_file}")
     samples = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(list_file, DatasetError).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{list_file}:{number}"

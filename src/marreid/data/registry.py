@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from marreid.data.cuhk03 import holds_cuhk03_layout, read_cuhk03
+from marreid.data.cuhk03 import CUHK03_VARIANTS, holds_cuhk03_layout, read_cuhk03
 from marreid.data.dukemtmc import DUKE_NAME, read_dukemtmc
 from marreid.data.folder import read_folder
-from marreid.data.market1501 import MARKET_FOLDERS, holds_market_layout, read_market1501
-from marreid.data.msmt17 import msmt_folders, read_msmt17
+from marreid.data.market1501 import MARKET_FOLDERS, holds_market_layout, missing_market_folder, read_market1501
+from marreid.data.msmt17 import missing_msmt_part, msmt_folders, read_msmt17
 from marreid.data.sample import ReidDataset, is_image, list_images
 from marreid.errors import ConfigError, DatasetError
 
@@ -24,6 +24,21 @@ def layout_format(folder: Path) -> str | None:
     if holds_market_layout(folder):
         names = list_images(folder / MARKET_FOLDERS["train"])
         return "dukemtmc" if names and DUKE_NAME.match(names[0].name) else "market1501"
+    return None
+
+
+def incomplete_layout(folder: Path) -> str | None:
+    """What a standard layout begun in ``folder`` (or its CUHK03 copies) lacks, as the error
+    to report; None when ``folder`` begins none."""
+    for base in (folder, *(folder / variant for variant in CUHK03_VARIANTS)):
+        missing = missing_market_folder(base)
+        if missing is not None:
+            return (f"missing folder {missing}: {base} looks like a Market-1501-style dataset, which needs "
+                    f"{', '.join(MARKET_FOLDERS.values())}")
+    missing = missing_msmt_part(folder)
+    if missing is not None:
+        return (f"missing {missing}: {folder} looks like MSMT17, which needs list_train.txt, list_val.txt, "
+                f"list_query.txt, list_gallery.txt and train/ + test/ (or mask_train_v2/ + mask_test_v2/)")
     return None
 
 
@@ -45,6 +60,10 @@ def detect_format(root: str | Path) -> str:
         return next(iter(nested.values()))
     if len(nested) > 1:
         raise DatasetError(f"several datasets under {path} ({', '.join(nested)}); pass one of them")
+    for folder in (path, *(child for child in sorted(path.iterdir()) if child.is_dir())):
+        problem = incomplete_layout(folder)
+        if problem is not None:
+            raise DatasetError(problem)
     if any(child.is_dir() or is_image(child.name) or child.name == "train.csv" for child in path.iterdir()):
         return "folder"
     raise DatasetError(f"no images or known dataset layout in {path}")

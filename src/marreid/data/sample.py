@@ -12,6 +12,8 @@ from marreid.errors import ConfigError, DatasetError
 
 JUNK_PID = -1
 DISTRACTOR_PID = 0
+# the splits of every ReidDataset
+SPLITS = ("train", "query", "gallery")
 
 
 @dataclass(frozen=True)
@@ -70,28 +72,25 @@ def zero_is_distractor(ds: ReidDataset) -> bool:
 
 
 def pool_splits(ds: ReidDataset, splits: Sequence[str]) -> list[Sample]:
-    """Samples of several splits as one labeled set, people of different splits kept apart.
+    """Samples of several splits (in the order given) as one labeled set, relabelled 0..N-1.
 
-    Train and test identities are different people even where their numbers
-    coincide (MSMT17 numbers both from 0), so query/gallery identities are
-    shifted past the largest train identity; query and gallery share theirs.
-    Distractors are dropped (they are many people under one id). Feed the
-    result to ``relabel`` for 0..N-1 labels.
+    Train and test (query + gallery) identities are different people even where
+    their numbers coincide (MSMT17 numbers both from 0), so an identity is keyed
+    by (train or test, pid); query and gallery share theirs. Labels follow the
+    sorted keys. Test identity 0 is left out where it marks distractors
+    (``zero_is_distractor``): they are many people under one id.
     """
-    unknown = [s for s in splits if s not in ("train", "query", "gallery")]
+    unknown = [s for s in splits if s not in SPLITS]
     if unknown:
-        raise ConfigError(f"unknown split(s) {unknown} to pool; choose from train, query, gallery")
-    offset = max((s.pid for s in ds.train), default=-1) + 1 if "train" in splits else 0
+        raise ConfigError(f"unknown split(s) {unknown} to pool; choose from {', '.join(SPLITS)}")
     drop_zero = zero_is_distractor(ds)
-    pooled = list(ds.train) if "train" in splits else []
-    for split in ("query", "gallery"):
-        if split in splits:
-            pooled += [
-                Sample(s.path, s.pid + offset, s.camid)
-                for s in getattr(ds, split)
-                if not (drop_zero and s.pid == DISTRACTOR_PID)
-            ]
-    return pooled
+    keyed: list[tuple[tuple[str, int], Sample]] = []
+    for split in splits:
+        group = "train" if split == "train" else "test"
+        keyed += [((group, s.pid), s) for s in getattr(ds, split)
+                  if not (group == "test" and drop_zero and s.pid == DISTRACTOR_PID)]
+    labels = {key: i for i, key in enumerate(sorted({key for key, _ in keyed}))}
+    return [Sample(s.path, labels[key], s.camid) for key, s in keyed]
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -110,12 +109,24 @@ def require_dir(folder: Path, hint: str = "") -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; other files are ignored."""
+    """Image files directly inside ``folder``, sorted by name; other files are ignored.
+
+    An entry with an image's name whose type cannot be read (a symlink loop, say) is
+    listed too, so the image checks name it as unreadable, or skip it, like any bad image.
+    """
     require_dir(folder)
     # scandir's cached file type avoids one stat per image on 100k-file folders
     with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if e.is_file() and is_image(e.name))
+        names = sorted(e.name for e in entries if is_image(e.name) and _maybe_file(e))
     return [folder / name for name in names]
+
+
+def _maybe_file(entry: os.DirEntry) -> bool:
+    """True for a file, or an entry whose type cannot be read (``is_file`` raises for a symlink loop)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
 
 
 def require_samples(samples: list[Sample], split: str, where: Path | str) -> list[Sample]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from marreid.data.sample import DISTRACTOR_PID, ReidDataset, Sample, zero_is_distractor
-
-SPLITS = ("train", "query", "gallery")
+from marreid.data.sample import DISTRACTOR_PID, SPLITS, ReidDataset, Sample, zero_is_distractor
 
 
 def split_counts(samples: list[Sample]) -> dict[str, int]:

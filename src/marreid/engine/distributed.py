@@ -328,12 +328,12 @@ class Precision:
             optimizer.register_step_pre_hook(self._unscale_or_skip)
             optimizer.register_step_post_hook(self._update_scale)
 
-    def forward(self, net: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
-        """``net(images)`` in the configured memory format and autocast mode."""
+    def forward(self, net: nn.Module, images: Tensor, *args) -> tuple[Tensor, ...]:
+        """``net(images, *args)`` in the configured memory format and autocast mode."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return net(images)
+            return net(images, *args)
 
     def scale(self, loss: Tensor) -> Tensor:
         """The loss to backpropagate: multiplied by the current loss scale under float16."""

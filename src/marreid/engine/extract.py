@@ -13,7 +13,8 @@ from marreid.data import ReidDataset, Sample, load_dataset
 from marreid.data.loaders import find_bad_images, plain_loader
 from marreid.data.transforms import TestTransform
 from marreid.errors import CheckpointError, ConfigError, DatasetError
-from marreid.metrics.rank import evaluate_features
+from marreid.metrics.rank import RankResult, evaluate_features, evaluate_rank_detailed
+from marreid.metrics.rerank import rerank
 from marreid.models import MARModel, build_model
 
 REPORTED_RANKS = (1, 5, 10)
@@ -118,12 +119,33 @@ def extract_features(
             torch.cat(camids).numpy().astype(np.int64))
 
 
+def evaluate_reranked(qf: np.ndarray, gf: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
+                      q_camids: np.ndarray, g_camids: np.ndarray, k1: int = 20, k2: int = 6,
+                      lambda_value: float = 0.3, max_rank: int = 50, ap_rule: str = "plain") -> RankResult:
+    """CMC and mAP (Market-1501 protocol) of the k-reciprocal re-ranked distance (Zhong et al.,
+    Eq. 12) of query features ``qf`` to gallery features ``gf``; see :func:`marreid.metrics.rerank.rerank`."""
+    distances = rerank(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value)
+    return evaluate_rank_detailed(distances, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
+                                  ap_rule=ap_rule)
+
+
+def rank_metrics(result: RankResult) -> dict:
+    """``rank1``, ``rank5``, ``rank10`` and ``mAP`` of ``result`` as floats."""
+    cmc = np.asarray(result.cmc, dtype=np.float64)
+    metrics = {f"rank{r}": float(cmc[r - 1]) for r in REPORTED_RANKS}
+    metrics["mAP"] = float(result.mAP)
+    return metrics
+
+
 def evaluate_model(model: torch.nn.Module, dataset: ReidDataset, cfg: Config,
                    device: torch.device | str | None = None, progress=None) -> dict:
     """Rank-1/5/10 and mAP of ``model`` on ``dataset``'s query / gallery (Market-1501 protocol).
 
     Distances and the AP rule follow ``cfg.eval``; the result names the rule and
-    counts the queries (valid and skipped) and gallery images.
+    counts the queries (valid and skipped) and gallery images. With ``cfg.eval.rerank``
+    it also holds ``rerank``: the same metrics after k-reciprocal re-ranking and its
+    ``k1``, ``k2`` and ``lambda`` (re-ranking uses the squared Euclidean distance of the
+    normalised features whatever ``eval.metric`` says).
     """
     if not dataset.query or not dataset.gallery:
         raise DatasetError(f"{dataset.root}: evaluation needs query and gallery splits")
@@ -132,14 +154,20 @@ def evaluate_model(model: torch.nn.Module, dataset: ReidDataset, cfg: Config,
     common = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device, progress=progress)
     qf, q_pids, q_camids = extract_features(model, dataset.query, transform, **common)
     gf, g_pids, g_camids = extract_features(model, dataset.gallery, transform, **common)
+    max_rank = max(cfg.eval.max_rank, max(REPORTED_RANKS))
     result = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=cfg.eval.metric,
-                               max_rank=max(cfg.eval.max_rank, max(REPORTED_RANKS)), ap_rule=cfg.eval.ap_rule)
-    cmc = np.asarray(result.cmc, dtype=np.float64)
-    metrics = {f"rank{r}": float(cmc[r - 1]) for r in REPORTED_RANKS}
-    metrics.update(mAP=float(result.mAP), ap_rule=result.ap_rule, metric=cfg.eval.metric,
+                               max_rank=max_rank, ap_rule=cfg.eval.ap_rule)
+    metrics = rank_metrics(result)
+    metrics.update(ap_rule=result.ap_rule, metric=cfg.eval.metric,
                    num_query=len(dataset.query), num_valid_queries=int(result.num_valid_queries),
                    num_skipped_queries=int(result.num_skipped_queries), num_gallery=len(dataset.gallery),
                    dataset=dataset.name, root=str(dataset.root))
+    if cfg.eval.rerank:
+        reranked = evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, k1=cfg.eval.rerank_k1,
+                                     k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda,
+                                     max_rank=max_rank, ap_rule=cfg.eval.ap_rule)
+        metrics["rerank"] = {**rank_metrics(reranked), "k1": cfg.eval.rerank_k1, "k2": cfg.eval.rerank_k2,
+                             "lambda": cfg.eval.rerank_lambda}
     return metrics
 
 
@@ -160,5 +188,5 @@ def model_from_checkpoint(state: dict, path: str, cfg: Config) -> MARModel:
     return model
 
 
-__all__ = ["model_from_checkpoint", "extract_features", "model_outputs", "evaluate_model", "load_target",
-           "resolve_device", "eval_transform", "without_bad_images"]
+__all__ = ["model_from_checkpoint", "extract_features", "model_outputs", "evaluate_model", "evaluate_reranked",
+           "rank_metrics", "load_target", "resolve_device", "eval_transform", "without_bad_images"]

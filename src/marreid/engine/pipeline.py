@@ -6,13 +6,14 @@ Stages, each in its own folder of the run folder:
   ``train.pretrained_checkpoint`` names a checkpoint to start from);
 - ``direct/``: the pretrained model evaluated on the target (direct transfer);
 - ``mar/<variant>/``: MAR training from the pretrained checkpoint with the
-  variant's overrides (``VARIANTS``), then evaluation.
+  variant's overrides (``engine.variants``), then evaluation.
 
-A stage whose ``result.json`` was computed from the same options (its
-*fingerprint*: the options that decide what it computes) is skipped; a stage
-whose folder holds a checkpoint of the same options continues from it; a
-stage left by other options is started again from scratch. ``stages.jsonl``
-records every decision. Training goes through ``run_pretrain`` / ``run_train``,
+Each stage's *fingerprint* is the options that decide what it computes, and
+``engine.stages.plan_stage`` decides what becomes of it: a stage whose
+``result.json`` was computed from the same options is skipped; a stage whose
+folder holds a checkpoint of the same options continues from it; a folder
+left by other options is cleared and its stage started again from scratch.
+``stages.jsonl`` records every decision. Training goes through ``run_pretrain`` / ``run_train``,
 so their preflight checks and their stop on SIGINT / SIGTERM (finish the step,
 checkpoint) apply; a stopped stage is a TrainingError saying how to continue.
 Evaluation extracts features once and scores them under the configured AP
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from marreid import __version__
-from marreid.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from marreid.config import Config, config_to_dict, load_config, save_config
 from marreid.data import ReidDataset
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import (
@@ -46,8 +46,10 @@ from marreid.engine.extract import (
     resolve_device,
 )
 from marreid.engine.logging import read_log
-from marreid.engine.pretrain import LAST, run_pretrain
+from marreid.engine.pretrain import run_pretrain
+from marreid.engine.stages import RESTART, RESUME, SKIP, clear_stage, plan_stage, read_json, write_json
 from marreid.engine.train import run_train
+from marreid.engine.variants import ABLATION, VARIANTS, parse_variants, variant_config, with_overrides
 from marreid.errors import ConfigError, TrainingError
 from marreid.metrics.rank import evaluate_features
 
@@ -58,20 +60,6 @@ STAGE_LOG = "stages.jsonl"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
-# name: (config overrides, label in the tables)
-VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "mar": ({}, "MAR (all losses)"),
-    "no_cml": ({"mar.use_cml": False}, "MAR without L_CML"),
-    "no_mdl": ({"mar.use_mdl": False}, "MAR without L_MDL"),
-    "no_rj": ({"mar.use_rj": False}, "MAR without L_RJ"),
-    "hard_labels": ({"mar.hard_labels": True}, "MAR with hard labels"),
-    "no_ral": ({"mar.use_al": False, "mar.use_rj": False}, "MAR without L_RAL"),
-    "no_cml_ral": ({"mar.use_cml": False, "mar.use_al": False, "mar.use_rj": False}, "MAR without L_CML and L_RAL"),
-    "feature_mining": ({"mar.positives": "feature"}, "feature-similarity mining"),
-    "al_only": ({"mar.use_cml": False, "mar.use_mdl": False, "mar.use_rj": False},
-                "control: L_AL only, no target loss"),
-}
-ABLATION = ("mar", "no_cml", "no_mdl", "no_rj", "hard_labels")
 DIRECT_LABEL = "direct transfer"
 METRIC_KEYS = tuple(f"rank{r}" for r in REPORTED_RANKS) + ("mAP",)
 
@@ -99,40 +87,6 @@ def fingerprint(cfg: Config, options: Sequence[str]) -> dict:
         section, _, key = name.partition(".")
         picked.get(section, {}).pop(key, None)
     return picked
-
-
-def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the values that differ between two nested dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def variant_config(cfg: Config, name: str) -> Config:
-    """``cfg`` with the overrides of variant ``name`` applied (ConfigError for an unknown name)."""
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    return with_overrides(cfg, VARIANTS[name][0])
-
-
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A validated copy of ``cfg`` with dotted ``key: value`` overrides."""
-    items = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    return config_from_dict(config_to_dict(cfg), items)
-
-
-def parse_variants(text: str) -> list[str]:
-    """``"mar,no_cml"`` -> ``["mar", "no_cml"]``, each checked against ``VARIANTS``."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError("--variants: name at least one variant")
-    for name in names:
-        if name not in VARIANTS:
-            raise ConfigError(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    return list(dict.fromkeys(names))
 
 
 def evaluation_rules(cfg: Config) -> list[str]:
@@ -163,22 +117,6 @@ def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, de
     images = len(dataset.query) + len(dataset.gallery)
     return {"metrics": metrics, "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
             "num_valid_queries": int(valid), "eval_s": seconds, "eval_images_per_s": images / max(seconds, 1e-9)}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file, so a crash never leaves half a result behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _capped_done(result: dict, cap: int | None) -> bool:
@@ -243,49 +181,50 @@ class Pipeline:
         with (self.run_dir / STAGE_LOG).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def _finished(self, stage: str, folder: Path, fp: dict, stands: Callable[[dict], bool]) -> dict | None:
-        result = _read_json(folder / RESULT_FILE)
-        if result is not None and result.get("fingerprint") == fp and stands(result):
+    def _plan(self, stage: str, folder: Path, fp: dict, stands: Callable[[dict], bool],
+              run_fp: dict | None = None, config_options: Sequence[str] = ()) -> tuple[str, dict | None]:
+        """What becomes of ``stage`` (``plan_stage``: ``fp`` decides its result, ``run_fp`` its
+        training run), logged and announced; the action, and the finished result when skipped."""
+        result = read_json(folder / RESULT_FILE)
+        finished = result.get("fingerprint") if result is not None and stands(result) else None
+        plan = plan_stage(folder, fp, finished, self._recorded(folder, config_options), run_fp)
+        if plan.action == SKIP:
             self.log(stage, "skip")
             self.echo(f"[{stage}] finished earlier with the same options: skipped")
-            return result
-        return None
+            return SKIP, result
+        if plan.action == RESTART:
+            self.echo(f"[{stage}] {folder} holds a run with other options ({plan.changes()}): starting it again")
+            self.log(stage, "restart", changed=plan.changes())
+        resume = plan.action == RESUME
+        self.log(stage, "resume" if resume else "start")
+        what = "evaluating" if stage == "direct" else "continuing from its checkpoint" if resume else "starting"
+        self.echo(f"[{stage}] {what}")
+        return plan.action, None
 
-    def _can_resume(self, stage: str, folder: Path, fp: dict, config_options: Sequence[str] = ()) -> bool:
-        """Whether ``folder`` holds a checkpoint of the same options (``stage.json``, or for a
-        folder a plain ``marreid`` command made, the ``config_options`` of its config.yaml);
-        a folder left by other options is emptied so that the stage starts again."""
-        if (folder / LAST).is_file():
-            state = _read_json(folder / STAGE_FILE)
-            if state is not None:
-                old = state.get("fingerprint")
-            elif config_options and self.data_version is None and (folder / "config.yaml").is_file():
-                try:
-                    old = fingerprint(load_config(folder / "config.yaml"), config_options)
-                except ConfigError:
-                    old = None
-            else:
-                old = None
-            if old == fp:
-                return True
-            changed = ", ".join(differences(old, fp)[:5]) if isinstance(old, dict) else "unrecorded options"
-            self.echo(f"[{stage}] {folder} holds a run with other options ({changed}): starting it again")
-            self.log(stage, "restart", changed=changed)
-        if folder.exists():
-            shutil.rmtree(folder)
-        return False
+    def _recorded(self, folder: Path, config_options: Sequence[str]) -> dict | None:
+        """The options of the run in ``folder``: its ``stage.json``, or for a folder a plain
+        ``marreid`` command made, the ``config_options`` of its config.yaml; None when neither says."""
+        state = read_json(folder / STAGE_FILE)
+        if state is not None:
+            return state.get("fingerprint")
+        if config_options and self.data_version is None and (folder / "config.yaml").is_file():
+            try:
+                return fingerprint(load_config(folder / "config.yaml"), config_options)
+            except ConfigError:
+                return None
+        return None
 
     @contextlib.contextmanager
     def _attempt(self, folder: Path, fp: dict) -> Iterator[Callable[[], float]]:
         """Record the stage's fingerprint in ``stage.json`` and its wall time summed over every
         attempt (an interrupted one included); yields the running total."""
-        before = (_read_json(folder / STAGE_FILE) or {}).get("seconds", 0.0)
+        before = (read_json(folder / STAGE_FILE) or {}).get("seconds", 0.0)
         start = time.perf_counter()
-        _write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before})
+        write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before})
         try:
             yield lambda: before + time.perf_counter() - start
         finally:
-            _write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before + time.perf_counter() - start})
+            write_json(folder / STAGE_FILE, {"fingerprint": fp, "seconds": before + time.perf_counter() - start})
 
     def _stopped(self, stage: str, run: dict) -> None:
         """TrainingError when a stop signal ended the stage before its end (checkpoint kept)."""
@@ -308,19 +247,19 @@ class Pipeline:
         fp = fingerprint(cfg, PRETRAIN_OPTIONS)
         if self.data_version is not None:
             fp["data_version"] = self.data_version
-        result = self._finished("pretrain", folder, fp, lambda r: _capped_done(r, cfg.pretrain.max_steps)
-                                and Path(r["checkpoint"]).is_file())
-        if result is not None:
+        action, result = self._plan("pretrain", folder, fp, lambda r: _capped_done(r, cfg.pretrain.max_steps)
+                                    and Path(r["checkpoint"]).is_file(), config_options=PRETRAIN_OPTIONS)
+        if action == SKIP:
             return result
-        resume = self._can_resume("pretrain", folder, fp, PRETRAIN_OPTIONS)
-        self._announce("pretrain", resume)
+        if action != RESUME:
+            clear_stage(folder)
         with self._attempt(folder, fp) as elapsed:
-            run = run_pretrain(cfg, resume=resume)
+            run = run_pretrain(cfg, resume=action == RESUME)
         self._stopped("pretrain", run)
         result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],
                   "num_agents": run["num_agents"], "images_per_s": throughput(folder / "log.jsonl"),
                   "wall_s": elapsed(), "fingerprint": fp}
-        _write_json(folder / RESULT_FILE, result)
+        write_json(folder / RESULT_FILE, result)
         self.log("pretrain", "done", step=result["steps"], status=result["status"])
         return result
 
@@ -328,15 +267,14 @@ class Pipeline:
         """The pretrained checkpoint evaluated on the target: direct transfer."""
         folder = self.run_dir / "direct"
         fp = {"pretrained": _upstream(pretrained), **fingerprint(self.cfg, ("eval",))}
-        result = self._finished("direct", folder, fp, lambda r: True)
-        if result is not None:
+        action, result = self._plan("direct", folder, fp, lambda r: True)
+        if action == SKIP:
             return result
-        self._announce("direct", False)
         start = time.perf_counter()
         scores = self._evaluate(pretrained["checkpoint"], self.cfg)
         result = {"status": "done", "checkpoint": pretrained["checkpoint"], **scores,
                   "wall_s": time.perf_counter() - start, "fingerprint": fp}
-        _write_json(folder / RESULT_FILE, result)
+        write_json(folder / RESULT_FILE, result)
         self.log("direct", "done")
         return result
 
@@ -351,26 +289,21 @@ class Pipeline:
         # A change of evaluation options alone re-evaluates the trained model without retraining it.
         train_fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, options)}
         fp = {**train_fp, **fingerprint(cfg, ("eval",))}
-        result = self._finished(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps))
-        if result is not None:
+        action, result = self._plan(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps), train_fp)
+        if action == SKIP:
             return result
-        resume = self._can_resume(stage, folder, train_fp)
-        self._announce(stage, resume)
+        if action != RESUME:
+            clear_stage(folder)
         with self._attempt(folder, train_fp) as elapsed:
-            run = run_train(cfg, resume=resume, evaluate=False)
+            run = run_train(cfg, resume=action == RESUME, evaluate=False)
             self._stopped(stage, run)
             scores = self._evaluate(run["checkpoint"], cfg)
         result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],
                   "images_per_s": throughput(folder / "log.jsonl"), **scores, "overrides": VARIANTS[name][0],
                   "wall_s": elapsed(), "fingerprint": fp}
-        _write_json(folder / RESULT_FILE, result)
+        write_json(folder / RESULT_FILE, result)
         self.log(stage, "done", step=result["steps"], status=result["status"])
         return result
-
-    def _announce(self, stage: str, resume: bool) -> None:
-        self.log(stage, "resume" if resume else "start")
-        what = "evaluating" if stage == "direct" else "continuing from its checkpoint" if resume else "starting"
-        self.echo(f"[{stage}] {what}")
 
     def _evaluate(self, checkpoint: str, cfg: Config) -> dict:
         """``evaluate_rules`` of the model a checkpoint holds, on the target."""
@@ -389,7 +322,7 @@ class Pipeline:
         results = self.summary(pretrained, direct, variants)
         results["invocation_s"] = time.perf_counter() - start
         results.update(extra or {})
-        _write_json(self.run_dir / RESULTS_JSON, results)
+        write_json(self.run_dir / RESULTS_JSON, results)
         (self.run_dir / RESULTS_MD).write_text(results_markdown(results))
         return results
 
@@ -525,5 +458,5 @@ def seeds_markdown(summary: dict[str, dict], seeds: Sequence[int], rule: str, ru
 __all__ = [
     "ABLATION", "COMPARISON_RULE", "VARIANTS", "Pipeline", "aggregate_seeds", "evaluate_rules",
     "evaluation_rules", "fingerprint", "parse_variants", "result_rows", "results_markdown", "run_pipeline",
-    "seeds_markdown", "throughput", "variant_config", "with_overrides",
+    "seeds_markdown", "throughput",
 ]

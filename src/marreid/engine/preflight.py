@@ -3,13 +3,15 @@
 Each raises a ``MarreidError`` whose one-line message names the file or option:
 unreadable images (or, when asked, leaves them out and counts them), a target
 whose cameras L_CML cannot compare, a target that could not be evaluated at the
-end, a run folder that cannot be written or is short of space, a fresh run that
-would overwrite a checkpoint, and a resume at another input size.
+end, a run folder that cannot be written, is short of space or is in use by another
+run, a fresh run that would overwrite a checkpoint, and a resume at another input size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import os
 import shutil
 import sys
@@ -23,14 +25,19 @@ import torch
 from marreid.config import Config, DataConfig
 from marreid.data import ReidDataset, Sample
 from marreid.data.loaders import find_bad_images
+from marreid.data.sample import SPLITS
+from marreid.engine.distributed import current_ranks
 from marreid.engine.extract import load_target
 from marreid.errors import CheckpointError, ConfigError, DatasetError
 
-SPLITS = ("train", "query", "gallery")
 MAX_SCAN_THREADS = 8
 # pickle framing, the RNG states and the config on top of the tensors; generous on purpose
 SIZE_MARGIN = 1.05
 SIZE_SLACK = 16 * 2**20
+# Inside every run folder; held locked by the process running there (see lock_run_dir)
+LOCK_FILE = ".marreid.lock"
+# The lock file this process holds, as (path, descriptor): at most one, a process runs in one folder at a time
+_held_lock: list[tuple[Path, int]] = []
 
 
 class ImageScreen:
@@ -132,7 +139,8 @@ def partial_checkpoints(folder: Path) -> list[Path]:
 
 
 def prepare_run_dir(run_dir: Path, key: str, overwrites: Path | None = None) -> list[Path]:
-    """Create ``run_dir``, prove it writable and remove partial checkpoints a killed run left.
+    """Create ``run_dir``, prove it writable, lock it (``lock_run_dir``) and remove partial
+    checkpoints a killed run left.
 
     ``overwrites``: the checkpoint a fresh run would replace (None when resuming);
     if it exists the run is refused, since starting over would lose its state.
@@ -145,6 +153,8 @@ def prepare_run_dir(run_dir: Path, key: str, overwrites: Path | None = None) -> 
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to {run_dir} ({exc.strerror or exc})") from None
+    if current_ranks().is_main:  # under torchrun every rank prepares the folder; rank 0 holds it
+        lock_run_dir(run_dir, key)
     if overwrites is not None and overwrites.is_file():
         raise ConfigError(f"{key}: {run_dir} already holds {overwrites.name}; continue that run with --resume, "
                           f"or choose another run folder")
@@ -152,6 +162,57 @@ def prepare_run_dir(run_dir: Path, key: str, overwrites: Path | None = None) -> 
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+def lock_run_dir(run_dir: Path, key: str) -> None:
+    """Lock ``run_dir`` for this process, or raise ConfigError when another process holds it.
+
+    Two runs in one folder would interleave their logs and overwrite each other's
+    checkpoints (and a starting run would delete the other's partial checkpoint).
+    The lock is a POSIX record lock (``fcntl.lockf``, non-blocking) on ``LOCK_FILE``:
+    the kernel drops it when the process ends, even by SIGKILL, so a killed run never
+    leaves a stale lock; and unlike ``flock`` a forked DataLoader worker does not
+    inherit it, so a worker outliving a killed run for a few seconds cannot block
+    ``--resume``. It is held until this process exits or starts a run in another
+    folder; locking the folder it holds again (a resume, a pipeline stage) is a no-op.
+    """
+    fd = _lock_file(run_dir.resolve() / LOCK_FILE)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise ConfigError(f"{key}: {run_dir} is in use by another marreid run{by}; wait for it to end, "
+                          f"or choose another run folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _lock_file(path: Path) -> int:
+    """An open descriptor of the lock file at ``path``: the one this process holds if it still
+    is that file (a pipeline may delete and recreate a stage's folder), else a new one, after
+    letting the one held go (closing it releases its lock)."""
+    if _held_lock:
+        held, fd = _held_lock[0]
+        if held == path and _same_file(fd, path):
+            return fd
+        os.close(fd)
+        _held_lock.clear()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _held_lock.append((path, fd))
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True if ``fd`` is open on the file now at ``path``."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def state_bytes(state: Any) -> int:
@@ -207,5 +268,5 @@ def check_input_size(state: dict, cfg: Config, path: Path | str) -> None:
 
 
 __all__ = ["ImageScreen", "load_checked_target", "check_target_cameras", "check_evaluable", "check_target",
-           "prepare_run_dir", "partial_checkpoints", "state_bytes", "checkpoint_estimate", "check_free_space",
-           "check_checkpoint_space", "check_input_size"]
+           "prepare_run_dir", "lock_run_dir", "LOCK_FILE", "partial_checkpoints", "state_bytes", "checkpoint_estimate",
+           "check_free_space", "check_checkpoint_space", "check_input_size"]

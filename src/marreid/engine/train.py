@@ -1,7 +1,8 @@
 """The MAR trainer: pretrained agents, one initialisation pass over the target, then Eq. 10 by SGD.
 
-Each step feeds the auxiliary and target images through the model in one
-concatenated forward pass (BatchNorm sees both domains together), takes
+Each step feeds the auxiliary and target images through the model, by default
+as the release does: each domain in BatchNorm batches of its own
+(``train.forward``, ``train.bn_batch``; see ``engine.forward``), takes
 ``MARLoss`` with L_MDL from epoch ``mar.mdl_start_epoch`` on, and steps SGD;
 the learning rate drops at the milestone epochs. Target identities are handed
 to the loss only as the optional ``tgt_pids`` diagnostic: no loss term,
@@ -17,15 +18,17 @@ import torch
 
 from marreid.config import Config, save_config
 from marreid.data import ReidDataset, Sample
-from marreid.data.loaders import ImageDataset, PairedBatches, plain_loader
+from marreid.data.loaders import ImageDataset, PairedBatches, augmented_pass_loader, plain_loader
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.distributed import (Precision, any_rank, autocast_dtype, broadcast_state, data_parallel, ddp_loss,
                                         gather_rows, gather_streams, join_process_group, prepare_model, rank_logger)
 from marreid.engine.extract import eval_transform, evaluate_model
+from marreid.engine.forward import GroupedForward, plan_groups
 from marreid.engine.logging import RunLogger
 from marreid.engine.preflight import (ImageScreen, check_checkpoint_space, check_target, load_checked_target,
                                       prepare_run_dir)
-from marreid.engine.pretrain import LAST, SteppedTrainer, build_sgd, load_auxiliary, train_transform
+from marreid.engine.pretrain import load_auxiliary, train_transform
+from marreid.engine.stepped import LAST, SteppedTrainer, build_sgd
 from marreid.engine.seeding import seed_everything
 from marreid.engine.signals import StopOnSignals
 from marreid.errors import CheckpointError, ConfigError
@@ -77,7 +80,10 @@ class MARTrainer(SteppedTrainer):
         self.model = prepare_model(build_model(cfg.model.arch, self.num_agents, cfg.model.scale), self.device,
                                    self.ranks, t.sync_bn, t.channels_last)
         # The training forward pass goes through DDP (when distributed); without L_AL the agents get no gradient.
-        self.net = data_parallel(self.model, self.ranks, self.device, find_unused=not cfg.mar.use_al)
+        self.net = data_parallel(GroupedForward(self.model), self.ranks, self.device, find_unused=not cfg.mar.use_al)
+        world = self.ranks.world_size
+        self.bn_groups = plan_groups(t.aux_batch // world, t.target_batch // world, t.forward, t.bn_batch,
+                                     self.ranks.rank, world)
         self.loss = build_mar_loss(cfg, self.num_agents, self.num_target).to(self.device)
         o = cfg.optim
         self.optimizer, self.scheduler = build_sgd(self.model, o.lr, o.momentum, o.weight_decay, o.no_decay_bn,
@@ -102,7 +108,7 @@ class MARTrainer(SteppedTrainer):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"pretrained checkpoint not found: {path} (run `marreid pretrain` or pass --pretrained)")
-        state = load_checkpoint(path, trust=trust)
+        state = load_checkpoint(path, trust=trust, finite=True)
         if "kind" not in state:
             report = load_backbone_weights(self.model, path, trust=trust)
             if not report.agents_loaded:
@@ -123,14 +129,19 @@ class MARTrainer(SteppedTrainer):
 
     @torch.no_grad()
     def initialize(self) -> None:
-        """Set L_CML's mu / sigma and L_MDL's threshold T from every target training image
-        (eval mode, test transform), via ``MARLoss.initialize``; nothing to do when neither
-        L_CML nor agreement mining is on."""
+        """Set L_CML's mu / sigma and L_MDL's threshold T from one eval-mode pass over the
+        target training images (``mar.init_pass``: all of them with the test transform, or
+        the release's augmented, shuffled, drop-last loader), via ``MARLoss.initialize``;
+        nothing to do when neither L_CML nor agreement mining is on."""
         if not (self.loss.use_cml or self.loss.uses_agreement):
             return
         self.model.eval()
-        loader = plain_loader(self.target.train, eval_transform(self.cfg), self.cfg.eval.batch_size,
-                              self.cfg.data.num_workers)
+        cfg = self.cfg
+        if cfg.mar.init_pass == "release":
+            loader = augmented_pass_loader(self.target.train, train_transform(cfg), cfg.train.seed,
+                                           cfg.train.target_batch, cfg.eval.batch_size, cfg.data.num_workers)
+        else:
+            loader = plain_loader(self.target.train, eval_transform(cfg), cfg.eval.batch_size, cfg.data.num_workers)
         logits, camids = [], []
         for images, _, camid, _ in self.logger.progress(loader, desc="initialise on target", unit="batch"):
             logits.append(self.model(images.to(self.device, non_blocking=True))[1])
@@ -151,7 +162,8 @@ class MARTrainer(SteppedTrainer):
         tgt_images, tgt_pids, tgt_camids, tgt_index = target_batch
         n_aux = aux_images.shape[0]
         dev = self.device
-        feat, logits = self.precision.forward(self.net, torch.cat([aux_images, tgt_images]).to(dev, non_blocking=True))
+        feat, logits = self.precision.forward(self.net, torch.cat([aux_images, tgt_images]).to(dev, non_blocking=True),
+                                              self.bn_groups)
         aux_feat, tgt_feat = gather_streams(feat, n_aux)
         aux_logits, tgt_logits = gather_streams(logits, n_aux)
         total, terms = self.loss(

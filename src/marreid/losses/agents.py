@@ -45,9 +45,9 @@ def agent_products(feat: Tensor, agents: Tensor, logits: Tensor) -> tuple[Tensor
     """f_i . a_k for every feature and agent ``[B, N]``, the agents held fixed, and the logits' scale s.
 
     ``logits`` are the model's s * feat @ agents.T, with the agents in their
-    graph; METHOD.md wants L_RJ, L_CML and L_MDL to move the features only, so
-    the products are rebuilt with the agents detached, and s is read off the
-    logits so that the losses need no scale setting. Float32 / float64 logits
+    graph; in MAR only L_AL trains the agents (L_RJ, L_CML and L_MDL move the
+    features only), so the products are rebuilt with the agents detached, and
+    s is read off the logits so that the losses need no scale setting. Float32 / float64 logits
     are reused as values (s from the row with the largest logits), which saves
     the forward matmul; half-precision logits are too coarse for d^2 near the
     margin, so then the product is computed and s is the ratio of the norms.

@@ -1,4 +1,5 @@
-"""Re-ID evaluation: distances, CMC / mAP (Market-1501 protocol), CUHK03 single-shot CMC, top-k search."""
+"""Re-ID evaluation: distances, CMC / mAP (Market-1501 protocol), CUHK03 single-shot CMC, top-k search,
+k-reciprocal Jaccard distance and re-ranking."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from marreid.metrics.rank import (
     evaluate_rank,
     evaluate_rank_detailed,
 )
+from marreid.metrics.rerank import k_reciprocal_jaccard, rerank
 from marreid.metrics.search import BACKENDS, topk_search
 
 __all__ = [
@@ -24,5 +26,7 @@ __all__ = [
     "evaluate_features",
     "evaluate_rank",
     "evaluate_rank_detailed",
+    "k_reciprocal_jaccard",
+    "rerank",
     "topk_search",
 ]

