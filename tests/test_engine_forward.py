@@ -330,3 +330,37 @@ def test_gradient_shares_diagnostic_uses_the_training_batchnorm_groups():
     assert float((got - want).norm()) < 1e-5 * float(want.norm())
     joint = sum(term_gradients(model, loss, aux, labels, tgt, camids, torch.arange(8)).values())
     assert float((joint - want).norm()) > 1e-2 * float(want.norm())
+
+
+def test_without_grad_from_marks_the_groups_after_a_row():
+    groups = plan_groups(4, 4, "per_domain", 2)
+    assert groups.without_grad_from(4).grad == (True, True, False, False)
+    assert plan_groups(4, 4, "joint", None).without_grad_from(4).grad == (True,)  # one group: kept
+
+
+@pytest.mark.parametrize("bn_batch", [None, 4])
+def test_auxiliary_only_step_skips_the_target_graph_and_changes_nothing_else(trees, tmp_path, bn_batch):
+    """The L_AL-only control: the target pass runs without autograd (it still moves the running
+    statistics), and the gradient, loss and BatchNorm state equal those of a full-graph pass."""
+    extra = ["mar.use_rj=false", "mar.use_cml=false", "mar.use_mdl=false"]
+    extra += [] if bn_batch is None else [f"train.bn_batch={bn_batch}"]
+    cfg = mar_config(trees, tmp_path, *extra)
+    run = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), tmp_path, logger=RunLogger(tmp_path, enabled=False))
+    assert not run.target_terms_on(5) and run.trains_in(0)
+    full = copy.deepcopy(run.model)
+    _, aux_batch, target_batch = next(iter(run.batches.iterate(0)))
+    seen = []
+    run.model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    total, _ = run.compute_loss(0, aux_batch, target_batch)
+    total.backward()
+    groups = len(run.bn_groups.sizes) // 2
+    assert seen == [True] * groups + [False] * groups
+    feat, logits = GroupedForward(full)(torch.cat([aux_batch[0], target_batch[0]]), run.bn_groups)
+    want = cfg.mar.lambda_ral * F.cross_entropy(logits[:8], aux_batch[1])
+    want.backward()
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    for (name, p), q in zip(run.model.named_parameters(), full.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(run.model.named_buffers(), full.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=lambda m: f"{name}: {m}")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from marreid.cli import demo_expected
 from marreid.cli.common import add_config_args, yaml_string
 from marreid.config import Config, config_from_dict
 from marreid.data.synthetic import SyntheticConfig, generate, read_params
+from marreid.engine.variants import known_variants
 from marreid.errors import ConfigError, DatasetError
 
 DEMO_CONFIG = Path("configs") / "demo.yaml"
@@ -50,11 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=_count, default=1, metavar="N",
                         help="repeat with seeds 0..N-1 (data and training) and report mean and spread")
     parser.add_argument("--variants", metavar="V1,V2", help="MAR variants to train instead (default: mar, or the "
-                        "ablation set); known: mar, no_cml, no_mdl, no_rj, hard_labels, no_ral, feature_mining")
+                        f"ablation set); known: {known_variants()}")
     parser.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="run folder (default %(default)s)")
-    parser.add_argument("--threads", type=_count, default=1, metavar="N",
-                        help="CPU threads for torch (default 1: on a 2-core machine that is also running "
-                             "something else, two threads wait on each other and run several times slower)")
+    parser.add_argument("--threads", type=_count, metavar="N",
+                        help="CPU threads for torch (default: torch's own, the cores this machine offers; "
+                             "on a machine busy with something else, 1 can be several times faster). "
+                             "A seed's exact numbers depend on it")
     add_config_args(parser, positional=False)
     parser.set_defaults(func=run)
 
@@ -127,6 +130,18 @@ def seed_configs(config_path: Path, overrides: list[str], run_dir: Path, seeds: 
     return plans
 
 
+def shipped_settings(args: argparse.Namespace) -> bool:
+    """Whether this run uses the shipped demo settings, the ones the expected range was measured with."""
+    return not args.config and not args.overrides
+
+
+def expected_comparison(summary: dict, rule: str) -> tuple[list[dict], str]:
+    """This run's rank-1 and mAP against the shipped expected range: (entries, markdown)."""
+    expected = demo_expected.load_expected()
+    entries = demo_expected.compare(demo_expected.expected_rows(summary, rule), expected)
+    return entries, demo_expected.comparison_markdown(entries, expected)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -146,7 +161,10 @@ def run(args: argparse.Namespace) -> int:
 
     per_seed = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    demo_threads = args.threads or threads
+    hint = demo_expected.busy_hint(demo_threads, *demo_expected.machine_load())
+    echo(f"[threads] torch uses {demo_threads} CPU threads" + (f"\n{hint}" if hint else ""))
+    torch.set_num_threads(demo_threads)
     try:
         for seed, data_dir, generator, cfg in plans:
             echo(f"== seed {seed}: synthetic data in {data_dir}")
@@ -162,12 +180,17 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     report = {"seeds": list(per_seed), "variants": variants, "ap_rule": first["ap_rule"], "rules": first["rules"],
               "summary": summary, "runs": {seed: str(run_dir / f"seed_{seed}") for seed in per_seed},
-              "threads": args.threads, "invocation_s": wall}
-    (run_dir / pipeline.RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
+              "threads": demo_threads, "machine": demo_expected.machine(), "invocation_s": wall}
     if len(per_seed) == 1:
         table = pipeline.results_markdown(first)
     else:
         table = pipeline.seeds_markdown(summary, list(per_seed), first["ap_rule"], first["rules"])
+    if shipped_settings(args):
+        report["expected"], text = expected_comparison(summary, first["ap_rule"])
+        table += "\n" + text
+    else:
+        table += "\nNo expected range: these settings differ from the shipped demo's (--config or --set).\n"
+    (run_dir / pipeline.RESULTS_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (run_dir / pipeline.RESULTS_MD).write_text(table)
     print(table, end="")
     print(f"\nwall time {wall / 60:.1f} min; results: {run_dir / pipeline.RESULTS_MD}, "

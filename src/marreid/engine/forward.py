@@ -33,10 +33,19 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class BatchNormGroups:
     """Consecutive row groups of one forward call: ``sizes[i]`` rows normalised together,
-    ``update[i]`` whether that group moves the running statistics."""
+    ``update[i]`` whether that group moves the running statistics, ``grad[i]`` whether its
+    outputs are recorded for backward (None: all are)."""
 
     sizes: tuple[int, ...]
     update: tuple[bool, ...]
+    grad: tuple[bool, ...] | None = None
+
+    def without_grad_from(self, row: int) -> BatchNormGroups:
+        """These groups with the ones starting at or after ``row`` run without autograd: their
+        outputs feed no loss term (the target pass of an epoch with only auxiliary terms), so
+        backward need not run through them. A group straddling ``row`` keeps its graph."""
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        return BatchNormGroups(self.sizes, self.update, tuple(start < row for start in starts))
 
 
 def plan_groups(n_aux: int, n_target: int, forward: str, bn_batch: int | None, rank: int = 0,
@@ -105,13 +114,16 @@ class GroupedForward(nn.Module):
     def forward(self, images: Tensor, groups: BatchNormGroups) -> tuple[Tensor, ...]:
         if sum(groups.sizes) != len(images):
             raise ValueError(f"groups cover {sum(groups.sizes)} rows, the batch has {len(images)}")
+        grad = groups.grad or (True,) * len(groups.sizes)
         if len(groups.sizes) == 1:
-            return self._run(images, groups.update[0])
-        outputs = [self._run(chunk, update) for chunk, update in zip(images.split(list(groups.sizes)), groups.update)]
+            return self._run(images, groups.update[0], grad[0])
+        chunks = images.split(list(groups.sizes))
+        outputs = [self._run(chunk, update, g) for chunk, update, g in zip(chunks, groups.update, grad)]
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
-    def _run(self, images: Tensor, update: bool) -> tuple[Tensor, ...]:
-        with nullcontext() if update else running_stats_frozen(self.model):
+    def _run(self, images: Tensor, update: bool, grad: bool) -> tuple[Tensor, ...]:
+        with nullcontext() if update else running_stats_frozen(self.model), torch.set_grad_enabled(
+                grad and torch.is_grad_enabled()):
             return self.model(images)
 
 

@@ -84,6 +84,9 @@ class MARTrainer(SteppedTrainer):
         world = self.ranks.world_size
         self.bn_groups = plan_groups(t.aux_batch // world, t.target_batch // world, t.forward, t.bn_batch,
                                      self.ranks.rank, world)
+        # With only auxiliary terms on, the target pass still runs (it moves the BatchNorm running
+        # statistics, as in the release) but needs no graph: backward would only carry zeros through it.
+        self.aux_only_groups = self.bn_groups.without_grad_from(t.aux_batch // world)
         self.loss = build_mar_loss(cfg, self.num_agents, self.num_target).to(self.device)
         o = cfg.optim
         self.optimizer, self.scheduler = build_sgd(self.model, o.lr, o.momentum, o.weight_decay, o.no_decay_bn,
@@ -152,8 +155,13 @@ class MARTrainer(SteppedTrainer):
 
     def trains_in(self, epoch: int) -> bool:
         """False only when L_MDL is the sole term left on and ``epoch`` is before its start."""
+        return self.loss.use_al or self.target_terms_on(epoch)
+
+    def target_terms_on(self, epoch: int) -> bool:
+        """Whether a loss term with a gradient through the target images (L_RJ's target hinge,
+        L_CML, L_MDL) is on in ``epoch``."""
         loss = self.loss
-        return loss.use_al or loss.use_rj or loss.use_cml or (loss.use_mdl and epoch >= self.cfg.mar.mdl_start_epoch)
+        return loss.use_rj or loss.use_cml or (loss.use_mdl and epoch >= self.cfg.mar.mdl_start_epoch)
 
     def compute_loss(self, epoch: int, aux_batch, target_batch) -> tuple[torch.Tensor, dict[str, float]]:
         """MARLoss of the global batch (every rank's slice gathered) and its terms; the tensor
@@ -162,8 +170,9 @@ class MARTrainer(SteppedTrainer):
         tgt_images, tgt_pids, tgt_camids, tgt_index = target_batch
         n_aux = aux_images.shape[0]
         dev = self.device
+        groups = self.bn_groups if self.target_terms_on(epoch) else self.aux_only_groups
         feat, logits = self.precision.forward(self.net, torch.cat([aux_images, tgt_images]).to(dev, non_blocking=True),
-                                              self.bn_groups)
+                                              groups)
         aux_feat, tgt_feat = gather_streams(feat, n_aux)
         aux_logits, tgt_logits = gather_streams(logits, n_aux)
         total, terms = self.loss(
