@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fakedata import make_training_trees
+from test_engine_train import config
 from marreid.analysis.gradients import term_gradients
 from marreid.config import load_config
 from marreid.data.loaders import augmented_pass_loader, read_image
@@ -225,14 +226,8 @@ def trees(tmp_path_factory):
 
 
 def mar_config(trees, run_dir, *extra):
-    return load_config(None, [
-        f"data.aux_root={trees / 'aux'}", "data.aux_format=market1501",
-        f"data.target_root={trees / 'tgt'}", "data.target_format=market1501",
-        "data.height=32", "data.width=16", "data.pad=2", "data.num_workers=0",
-        "model.arch=tiny", "optim.lr=0.05", "train.aux_batch=8", "train.target_batch=8",
-        "mar.mining_ratio=0.1", "mar.mdl_start_epoch=0", "train.device=cpu", "train.diagnostics=false",
-        "train.progress=false", f"output.run_dir={run_dir}", *extra,
-    ])
+    """The engine tests' tiny run, with L_MDL from the first step and no diagnostics."""
+    return config(trees, run_dir, "mar.mdl_start_epoch=0", "train.diagnostics=false", *extra)
 
 
 @pytest.mark.parametrize("bn_batch", [None, 4])

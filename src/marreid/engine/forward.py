@@ -73,8 +73,8 @@ def plan_groups(n_aux: int, n_target: int, forward: str, bn_batch: int | None, r
     update: list[bool] = []
     for name, rows in (("train.aux_batch", n_aux), ("train.target_batch", n_target)):
         if rows % bn_batch:
-            raise ConfigError(f"train.bn_batch={bn_batch} does not divide the {rows} {name} images "
-                              f"{'of each of the ' + str(world_size) + ' ranks' if world_size > 1 else 'of a step'}")
+            where = f"of each of the {world_size} ranks" if world_size > 1 else "of a step"
+            raise ConfigError(f"train.bn_batch={bn_batch} does not divide the {rows} {name} images {where}")
         count = rows // bn_batch
         sizes += [bn_batch] * count
         update += [rank == 0 and i == 0 for i in range(count)]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from marreid.config import Config, config_to_dict, resolve_milestones
-from marreid.engine.checkpoint import load_checkpoint, save_checkpoint
+from marreid.engine.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint
 from marreid.engine.extract import resolve_device
 from marreid.engine.logging import RunLogger
 from marreid.engine.preflight import check_input_size
@@ -133,10 +133,10 @@ class SteppedTrainer:
         write (disk full) leaves it intact; both raise a one-line error.
         """
         state = self.state_dict()
-        for name, value in state["model"].items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise TrainingError(f"non-finite weights in {name} after step {self.step}; not saved, the last "
-                                    f"good checkpoint {self.checkpoint_path} is kept")
+        bad = non_finite_tensors(state["model"])
+        if bad:
+            raise TrainingError(f"non-finite weights in {bad[0]} after step {self.step}; not saved, the last "
+                                f"good checkpoint {self.checkpoint_path} is kept")
         paths = [self.checkpoint_path]
         if epoch_end is not None and self.keep_epoch_checkpoints:
             paths.append(self.run_dir / f"epoch_{epoch_end + 1}.pt")
