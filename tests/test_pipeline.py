@@ -14,12 +14,23 @@ import torch
 import yaml
 
 from fakedata import make_training_trees
+from test_robustness_inputs import hold_lock_in_child, stop_child
 from marreid.cli import main
 from marreid.config import load_config
 from marreid.engine.checkpoint import load_checkpoint
-from marreid.engine.extract import evaluate_model, load_target, model_from_checkpoint
+from marreid.engine import pipeline
+from marreid.engine.extract import (
+    eval_transform,
+    evaluate_model,
+    evaluate_reranked,
+    extract_features,
+    load_target,
+    model_from_checkpoint,
+    rank_metrics,
+)
 from marreid.engine.logging import read_log
-from marreid.engine.pipeline import Pipeline, aggregate_seeds, run_pipeline, seeds_markdown
+from marreid.engine.preflight import lock_run_dir
+from marreid.engine.pipeline import Pipeline, aggregate_seeds, results_markdown, run_pipeline, seeds_markdown
 from marreid.engine.train import MARTrainer
 from marreid.engine.variants import ABLATION, VARIANTS, parse_variants, variant_config
 from marreid.errors import ConfigError, TrainingError
@@ -147,11 +158,124 @@ def test_changed_ap_rule_reevaluates_without_retraining(trees, tmp_path):
     logged = len(events(tmp_path))
     results = run_pipeline(config(trees, "eval.ap_rule=trapezoid"), tmp_path, ["mar"], echo=quiet)
     assert events(tmp_path)[logged:] == [("pretrain", "skip"), ("direct", "start"), ("direct", "done"),
-                                         ("mar/mar", "resume"), ("mar/mar", "done")]
+                                         ("mar/mar", "reevaluate"), ("mar/mar", "done")]
     assert checkpoint.stat().st_mtime_ns == before
     assert [r["step"] for r in read_log(tmp_path / "mar" / "mar" / "log.jsonl", "step")] == list(range(MAR_STEPS))
+    # Scored from the checkpoint: the training run was not even continued (one start record).
+    assert len(read_log(tmp_path / "mar" / "mar" / "log.jsonl", "start")) == 1
     assert results["rules"] == ["trapezoid", "mar-release"]
     assert set(results["variants"]["mar"]["metrics"]) == {"trapezoid", "mar-release"}
+
+
+RERANK = ("eval.rerank=true", "eval.rerank_k1=5", "eval.rerank_k2=2", "eval.rerank_lambda=0.5")
+
+
+def reranked_by_hand(cfg, checkpoint) -> dict:
+    """evaluate_reranked of the checkpoint's features, extracted here, under cfg's rule and settings."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), cfg)
+    target = load_target(cfg)
+    common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size, num_workers=0, device="cpu")
+    qf, q_pids, q_camids = extract_features(model, target.query, **common)
+    gf, g_pids, g_camids = extract_features(model, target.gallery, **common)
+    return rank_metrics(evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, k1=5, k2=2,
+                                          lambda_value=0.5, ap_rule=cfg.eval.ap_rule))
+
+
+def test_rerank_on_a_finished_run_adds_the_column_without_retraining(trees, tmp_path, monkeypatch):
+    plain = run_pipeline(config(trees), tmp_path, ["mar"], echo=quiet)
+    assert "rerank" not in plain["direct"] and "rerank" not in plain["variants"]["mar"]
+    assert "re-ranked" not in (tmp_path / "results.md").read_text()
+    checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "pretrain" / "last.pt",
+                                                     tmp_path / "mar" / "mar" / "last.pt")}
+    logged = len(events(tmp_path))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stage was trained again")
+
+    monkeypatch.setattr(pipeline, "run_train", no_training)
+    monkeypatch.setattr(pipeline, "run_pretrain", no_training)
+    cfg = config(trees, *RERANK)
+    results = run_pipeline(cfg, tmp_path, ["mar"], echo=quiet)
+    assert events(tmp_path)[logged:] == [("pretrain", "skip"), ("direct", "start"), ("direct", "done"),
+                                         ("mar/mar", "reevaluate"), ("mar/mar", "done")]
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    mar = results["variants"]["mar"]
+    assert mar["steps"] == MAR_STEPS and mar["status"] == "done"
+    assert mar["images_per_s"] == plain["variants"]["mar"]["images_per_s"]
+    assert mar["wall_s"] > plain["variants"]["mar"]["wall_s"]  # the evaluation's time is added
+    # The plain metrics are unchanged; the re-ranked ones equal evaluate_reranked of the same features.
+    for stage, checkpoint in ((results["direct"], "pretrain"), (mar, "mar/mar")):
+        assert set(stage["rerank"]) == {"ap_rule", "k1", "k2", "lambda", "seconds", "metrics"}
+        assert (stage["rerank"]["ap_rule"], stage["rerank"]["k1"], stage["rerank"]["k2"],
+                stage["rerank"]["lambda"]) == ("plain", 5, 2, 0.5)
+        expected = reranked_by_hand(cfg, tmp_path / checkpoint / "last.pt")
+        assert stage["rerank"]["metrics"] == pytest.approx(expected, abs=1e-12)
+    assert mar["metrics"] == plain["variants"]["mar"]["metrics"]
+    assert json.loads((tmp_path / "mar" / "mar" / "result.json").read_text())["rerank"] == mar["rerank"]
+
+    # The same options again: every stage is skipped, the column stays.
+    logged = len(events(tmp_path))
+    again = run_pipeline(cfg, tmp_path, ["mar"], echo=quiet)
+    assert events(tmp_path)[logged:] == [("pretrain", "skip"), ("direct", "skip"), ("mar/mar", "skip")]
+    assert again["variants"]["mar"]["rerank"] == mar["rerank"]
+    # Re-ranking off again: re-evaluated once more, and no re-ranked block is left behind.
+    off = run_pipeline(config(trees), tmp_path, ["mar"], echo=quiet)
+    assert "rerank" not in off["direct"] and "rerank" not in off["variants"]["mar"]
+    assert off["variants"]["mar"]["metrics"] == plain["variants"]["mar"]["metrics"]
+
+
+def test_reevaluation_leaves_a_stage_folder_another_run_holds_alone(trees, tmp_path):
+    run_pipeline(config(trees), tmp_path, ["mar"], echo=quiet)
+    stage = tmp_path / "mar" / "mar"
+    result = (stage / "result.json").read_text()
+    lock_run_dir(tmp_path, "run folder")  # this process lets go of the stage folder its training locked
+    holder = hold_lock_in_child(stage)
+    try:
+        with pytest.raises(ConfigError, match=f"stage folder: {stage} is in use by another marreid run"):
+            run_pipeline(config(trees, "eval.rerank=true"), tmp_path, ["mar"], echo=quiet)
+    finally:
+        stop_child(holder)
+    assert (stage / "result.json").read_text() == result
+
+
+def test_results_markdown_shows_the_reranked_columns_and_old_results_render():
+    results = {**fake_results([0.2, 0.3], [0.5, 0.6], rerank=[0.25, 0.6]), "ap_rule": "plain",
+               "backbone": "tiny", "input_size": [32, 16], "distance": "cosine", "seed": 0, "device": "cpu",
+               "auxiliary": {"root": "a", "format": "market1501"}, "target": {"root": "t", "format": "market1501"},
+               "pretrain": {"status": "done", "steps": 3, "wall_s": 1.0}}
+    lines = results_markdown(results).splitlines()
+    assert lines[0] == ("| method | rank-1 | rank-5 | rank-10 | mAP (plain) | mAP (mar-release) | rank-1 re-ranked | "
+                        "mAP re-ranked | MAR steps | wall time |")
+    assert lines[2] == "| direct transfer | 20.0 | 20.0 | 20.0 | 20.0 | 30.0 | 25.0 | 25.0 | - | 10 s |"
+    assert lines[3] == "| MAR (all losses) | 50.0 | 50.0 | 50.0 | 50.0 | 60.0 | 60.0 | 60.0 | 5 | 10 s |"
+    assert "k1 = 20, k2 = 6, lambda = 0.3), under the plain AP rule." in lines[-1]
+    # A results.json written before re-ranking existed (no "rerank" block) renders as it did.
+    old = {**results, "direct": strip_rerank(results["direct"]),
+           "variants": {"mar": strip_rerank(results["variants"]["mar"])}}
+    text = results_markdown(old)
+    assert "re-ranked" not in text
+    assert text.splitlines()[2] == "| direct transfer | 20.0 | 20.0 | 20.0 | 20.0 | 30.0 | - | 10 s |"
+
+
+def test_seed_aggregation_of_the_reranked_metrics():
+    per_seed = {0: fake_results([0.2, 0.3], [0.5, 0.6], rerank=[0.3, 0.6]),
+                1: fake_results([0.4, 0.3], [0.7, 0.6], rerank=[0.5, 0.8])}
+    summary = aggregate_seeds(per_seed)
+    direct = summary["direct"]["rerank"]
+    assert (direct["ap_rule"], direct["k1"], direct["k2"], direct["lambda"]) == ("plain", 20, 6, 0.3)
+    assert direct["metrics"]["mAP"]["values"] == [0.3, 0.5]
+    assert direct["metrics"]["mAP"]["mean"] == pytest.approx(0.4)
+    assert direct["metrics"]["rank1"]["std"] == pytest.approx(math.sqrt(0.02))
+    table = seeds_markdown(summary, [0, 1], "plain", ["plain", "mar-release"])
+    head = table.splitlines()[0]
+    assert "| rank-1 re-ranked | mAP re-ranked | wall time (mean) |" in head
+    assert f"| 40.0 ± {100 * math.sqrt(0.02):.1f} | 40.0 ± {100 * math.sqrt(0.02):.1f} | 10 s |" in table
+    # A seed without re-ranking (an older run): no re-ranked entry, no re-ranked columns.
+    per_seed[1] = {**per_seed[1], "direct": strip_rerank(per_seed[1]["direct"]),
+                   "variants": {"mar": strip_rerank(per_seed[1]["variants"]["mar"])}}
+    mixed = aggregate_seeds(per_seed)
+    assert "rerank" not in mixed["direct"] and "rerank" not in mixed["mar"]
+    assert "re-ranked" not in seeds_markdown(mixed, [0, 1], "plain", ["plain", "mar-release"])
 
 
 def test_ctrl_c_stops_a_stage_which_the_next_run_continues_exactly(finished, trees, tmp_path, monkeypatch):
@@ -269,15 +393,26 @@ def test_variants_help_lists_every_variant(command, capsys):
     assert listed == list(VARIANTS)
 
 
-def fake_results(direct: list[float], mar: list[float]) -> dict:
-    """Results of one seed whose metrics all equal the given plain / mar-release values."""
-    def stage(values):
+def fake_results(direct: list[float], mar: list[float], rerank: list[float] | None = None) -> dict:
+    """Results of one seed whose metrics all equal the given plain / mar-release values, and
+    with ``rerank`` (direct, MAR) the re-ranked ones (default settings, plain rule)."""
+    def stage(values, reranked):
         plain, release = values
-        return {"metrics": {"plain": dict.fromkeys(("rank1", "rank5", "rank10", "mAP"), plain),
-                            "mar-release": dict.fromkeys(("rank1", "rank5", "rank10", "mAP"), release)},
-                "wall_s": 10.0, "steps": 5}
-    return {"rules": ["plain", "mar-release"], "direct": stage(direct),
-            "variants": {"mar": {**stage(mar), "label": "MAR (all losses)"}}}
+        result = {"metrics": {"plain": dict.fromkeys(("rank1", "rank5", "rank10", "mAP"), plain),
+                              "mar-release": dict.fromkeys(("rank1", "rank5", "rank10", "mAP"), release)},
+                  "wall_s": 10.0, "steps": 5}
+        if reranked is not None:
+            result["rerank"] = {"ap_rule": "plain", "k1": 20, "k2": 6, "lambda": 0.3, "seconds": 1.0,
+                                "metrics": dict.fromkeys(("rank1", "rank5", "rank10", "mAP"), reranked)}
+        return result
+    direct_rr, mar_rr = rerank if rerank is not None else (None, None)
+    return {"rules": ["plain", "mar-release"], "direct": stage(direct, direct_rr),
+            "variants": {"mar": {**stage(mar, mar_rr), "label": "MAR (all losses)"}}}
+
+
+def strip_rerank(stage: dict) -> dict:
+    """A stage result as marreid wrote it before re-ranking was a pipeline option."""
+    return {key: value for key, value in stage.items() if key != "rerank"}
 
 
 def test_seed_aggregation_by_hand():

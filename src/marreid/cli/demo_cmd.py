@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from marreid.cli import demo_expected
-from marreid.cli.common import add_config_args, yaml_string
+from marreid.cli.common import add_config_args, add_rerank_arg, yaml_string
 from marreid.config import Config, config_from_dict
 from marreid.data.synthetic import SyntheticConfig, generate, read_params
 from marreid.engine.variants import known_variants
@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CPU threads for torch (default: torch's own, the cores this machine offers; "
                              "on a machine busy with something else, 1 can be several times faster). "
                              "A seed's exact numbers depend on it")
+    add_rerank_arg(parser)
     add_config_args(parser, positional=False)
     parser.set_defaults(func=run)
 
@@ -152,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     variants = pipeline.parse_variants(args.variants) if args.variants else \
         list(pipeline.ABLATION if ablation else ("mar",))
     config_path = Path(args.config) if args.config else default_config_path()
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    # --rerank leaves the non-re-ranked numbers as they are, so unlike --set it keeps the expected range.
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else []) \
+        + (["eval.rerank=true"] if args.rerank else [])
     run_dir = Path(args.run_dir)
     plans = seed_configs(config_path, overrides, run_dir, args.seeds)
 

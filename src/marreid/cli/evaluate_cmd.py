@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lambda", dest="rerank_lambda", type=float, metavar="L",
                         help="re-ranking's weight of the original distance (default: eval.rerank_lambda, 0.3; "
                              "implies --rerank)")
+    parser.add_argument("--adabn", action="store_true",
+                        help="first recompute the BatchNorm statistics on the dataset's training images (AdaBN, "
+                             "Li et al. 2018): the label-free baseline that shows how much of an adaptation "
+                             "method's gain is BatchNorm statistics")
     add_trust_arg(parser)
     parser.set_defaults(func=run)
 
@@ -57,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_target(cfg, args.dataset_format, args.dataset_root)
     else:
         dataset = load_target(cfg)
+    if args.adabn:
+        adapt_batchnorm(model, dataset, cfg, device)
     metrics = evaluate_model(model, dataset, cfg, device)
+    if args.adabn:
+        metrics["adabn_images"] = len(dataset.train)
     metrics["checkpoint"] = str(args.checkpoint)
     print_metrics(metrics)
     if "rerank" in metrics:
@@ -71,3 +79,16 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+def adapt_batchnorm(model, dataset, cfg, device) -> None:
+    """AdaBN over ``dataset.train`` with the test transform, in ``eval.batch_size`` batches."""
+    from marreid.data.loaders import plain_loader
+    from marreid.engine.extract import eval_transform
+    from marreid.errors import DatasetError
+    from marreid.models.adabn import recompute_batchnorm
+
+    if not dataset.train:
+        raise DatasetError(f"{dataset.root}: --adabn needs the training images, and there are none")
+    loader = plain_loader(dataset.train, eval_transform(cfg), cfg.eval.batch_size, cfg.data.num_workers)
+    recompute_batchnorm(model, (images for images, _, _, _ in loader), device)

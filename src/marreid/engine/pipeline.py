@@ -17,7 +17,10 @@ left by other options is cleared and its stage started again from scratch.
 so their preflight checks and their stop on SIGINT / SIGTERM (finish the step,
 checkpoint) apply; a stopped stage is a TrainingError saying how to continue.
 Evaluation extracts features once and scores them under the configured AP
-rule and under ``mar-release`` (the rule of the paper's numbers).
+rule and under ``mar-release`` (the rule of the paper's numbers), and with
+``eval.rerank`` after k-reciprocal re-ranking too. A trained stage whose
+evaluation options alone changed (``--rerank`` turned on, another AP rule) is
+evaluated again from its checkpoint, without going through training.
 ``results.json`` and ``results.md`` summarise the run.
 """
 
@@ -40,14 +43,26 @@ from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import (
     REPORTED_RANKS,
     eval_transform,
+    evaluate_reranked,
     extract_features,
     load_target,
     model_from_checkpoint,
+    rank_metrics,
     resolve_device,
 )
 from marreid.engine.logging import read_log
+from marreid.engine.preflight import lock_run_dir
 from marreid.engine.pretrain import run_pretrain
-from marreid.engine.stages import RESTART, RESUME, SKIP, clear_stage, plan_stage, read_json, write_json
+from marreid.engine.stages import (
+    RESTART,
+    RESUME,
+    SKIP,
+    clear_stage,
+    differences,
+    plan_stage,
+    read_json,
+    write_json,
+)
 from marreid.engine.train import run_train
 from marreid.engine.variants import ABLATION, VARIANTS, parse_variants, variant_config, with_overrides
 from marreid.errors import ConfigError, TrainingError
@@ -62,6 +77,11 @@ RESULTS_MD = "results.md"
 
 DIRECT_LABEL = "direct transfer"
 METRIC_KEYS = tuple(f"rank{r}" for r in REPORTED_RANKS) + ("mAP",)
+# The re-ranked metrics the tables show (results.json holds all of METRIC_KEYS).
+RERANK_COLUMNS = {"rank1": "rank-1 re-ranked", "mAP": "mAP re-ranked"}
+RERANK_SETTINGS = ("ap_rule", "k1", "k2", "lambda")
+# What _plan answers for a trained stage whose evaluation options alone changed.
+REEVALUATE = "reevaluate"
 
 PRETRAIN_OPTIONS = ("data", "model", "pretrain", "train.seed", "train.deterministic")
 MAR_OPTIONS = ("data", "model", "pretrain", "mar", "optim", "train")
@@ -99,24 +119,46 @@ def evaluate_rules(model: torch.nn.Module, dataset: ReidDataset, cfg: Config, de
 
     Features are extracted once (eval transform, ``cfg.eval`` distance); returns
     ``{"metrics": {rule: {"rank1", "rank5", "rank10", "mAP"}}, "num_query", "num_gallery",
-    "num_valid_queries", "eval_s", "eval_images_per_s"}``.
+    "num_valid_queries", "eval_s", "eval_images_per_s"}``, and with ``cfg.eval.rerank`` also
+    ``"rerank"`` (:func:`rerank_scores` of the same features). ``eval_s`` leaves the re-ranking
+    out, so the evaluation throughput compares across runs with and without it.
     """
     start = time.perf_counter()
     common = dict(transform=eval_transform(cfg), batch_size=cfg.eval.batch_size,
                   num_workers=cfg.data.num_workers, device=device)
-    qf, q_pids, q_camids = extract_features(model, dataset.query, **common)
-    gf, g_pids, g_camids = extract_features(model, dataset.gallery, **common)
+    query = extract_features(model, dataset.query, **common)
+    gallery = extract_features(model, dataset.gallery, **common)
+    (qf, q_pids, q_camids), (gf, g_pids, g_camids) = query, gallery
     metrics, valid = {}, 0
     for rule in evaluation_rules(cfg):
         result = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric=cfg.eval.metric,
                                    max_rank=max(cfg.eval.max_rank, max(REPORTED_RANKS)), ap_rule=rule)
-        metrics[rule] = {f"rank{r}": float(result.cmc[r - 1]) for r in REPORTED_RANKS}
-        metrics[rule]["mAP"] = float(result.mAP)
+        metrics[rule] = rank_metrics(result)
         valid = result.num_valid_queries
     seconds = time.perf_counter() - start
     images = len(dataset.query) + len(dataset.gallery)
-    return {"metrics": metrics, "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
-            "num_valid_queries": int(valid), "eval_s": seconds, "eval_images_per_s": images / max(seconds, 1e-9)}
+    scores = {"metrics": metrics, "num_query": len(dataset.query), "num_gallery": len(dataset.gallery),
+              "num_valid_queries": int(valid), "eval_s": seconds, "eval_images_per_s": images / max(seconds, 1e-9)}
+    if cfg.eval.rerank:
+        scores["rerank"] = rerank_scores(query, gallery, cfg)
+    return scores
+
+
+def rerank_scores(query: tuple, gallery: tuple, cfg: Config) -> dict:
+    """Rank-1/5/10 and mAP of the k-reciprocal re-ranked distance between ``query`` and ``gallery``
+    (each ``(features, pids, camids)`` as ``extract_features`` returns them) under the configured
+    AP rule, with ``cfg.eval``'s k1, k2 and lambda (``evaluate_reranked``).
+
+    Returns ``{"ap_rule", "k1", "k2", "lambda", "seconds", "metrics": {"rank1", "rank5", "rank10", "mAP"}}``.
+    """
+    start = time.perf_counter()
+    (qf, q_pids, q_camids), (gf, g_pids, g_camids) = query, gallery
+    result = evaluate_reranked(qf, gf, q_pids, g_pids, q_camids, g_camids, k1=cfg.eval.rerank_k1,
+                               k2=cfg.eval.rerank_k2, lambda_value=cfg.eval.rerank_lambda,
+                               max_rank=max(cfg.eval.max_rank, max(REPORTED_RANKS)), ap_rule=cfg.eval.ap_rule)
+    return {"ap_rule": cfg.eval.ap_rule, "k1": cfg.eval.rerank_k1, "k2": cfg.eval.rerank_k2,
+            "lambda": cfg.eval.rerank_lambda, "seconds": time.perf_counter() - start,
+            "metrics": rank_metrics(result)}
 
 
 def _capped_done(result: dict, cap: int | None) -> bool:
@@ -124,6 +166,15 @@ def _capped_done(result: dict, cap: int | None) -> bool:
     if result.get("status") == "done":
         return True
     return result.get("status") == "max_steps" and cap is not None and result.get("steps", 0) >= cap
+
+
+def _trained_with(finished: dict | None, run_fp: dict | None) -> bool:
+    """Whether a finished stage's fingerprint ``finished`` differs from its training options
+    ``run_fp`` by its evaluation options alone (a MAR stage's fingerprint is ``run_fp`` plus ``eval``)."""
+    if finished is None or run_fp is None or "eval" not in finished:
+        return False
+    trained = {key: value for key, value in finished.items() if key != "eval"}
+    return trained == json.loads(json.dumps(run_fp))  # as it reads back from result.json
 
 
 def _upstream(pretrained: dict) -> dict:
@@ -184,7 +235,8 @@ class Pipeline:
     def _plan(self, stage: str, folder: Path, fp: dict, stands: Callable[[dict], bool],
               run_fp: dict | None = None, config_options: Sequence[str] = ()) -> tuple[str, dict | None]:
         """What becomes of ``stage`` (``plan_stage``: ``fp`` decides its result, ``run_fp`` its
-        training run), logged and announced; the action, and the finished result when skipped."""
+        training run), logged and announced; the action, and the finished result when skipped or
+        when only its evaluation options changed (``REEVALUATE``: score its checkpoint again)."""
         result = read_json(folder / RESULT_FILE)
         finished = result.get("fingerprint") if result is not None and stands(result) else None
         plan = plan_stage(folder, fp, finished, self._recorded(folder, config_options), run_fp)
@@ -192,6 +244,14 @@ class Pipeline:
             self.log(stage, "skip")
             self.echo(f"[{stage}] finished earlier with the same options: skipped")
             return SKIP, result
+        # Continuing a finished run to re-evaluate it would load and screen both training sets
+        # for no step; its checkpoint is all an evaluation needs.
+        if plan.action == RESUME and _trained_with(finished, run_fp) and Path(result["checkpoint"]).is_file():
+            changed = ", ".join("eval." + name for name in differences(finished["eval"], fp["eval"]))
+            self.log(stage, REEVALUATE, changed=changed)
+            self.echo(f"[{stage}] trained earlier with the same options, evaluated with others ({changed}): "
+                      f"evaluating its checkpoint again")
+            return REEVALUATE, result
         if plan.action == RESTART:
             self.echo(f"[{stage}] {folder} holds a run with other options ({plan.changes()}): starting it again")
             self.log(stage, "restart", changed=plan.changes())
@@ -292,10 +352,14 @@ class Pipeline:
         action, result = self._plan(stage, folder, fp, lambda r: _capped_done(r, cfg.train.max_steps), train_fp)
         if action == SKIP:
             return result
-        if action != RESUME:
+        if action == REEVALUATE:
+            # as training would: no other run may be writing in the folder whose result this rewrites
+            lock_run_dir(folder, "stage folder")
+        elif action != RESUME:
             clear_stage(folder)
         with self._attempt(folder, train_fp) as elapsed:
-            run = run_train(cfg, resume=action == RESUME, evaluate=False)
+            # the finished result of a stage to re-evaluate says how its training ended
+            run = result if action == REEVALUATE else run_train(cfg, resume=action == RESUME, evaluate=False)
             self._stopped(stage, run)
             scores = self._evaluate(run["checkpoint"], cfg)
         result = {"status": run["status"], "steps": run["steps"], "checkpoint": run["checkpoint"],
@@ -360,13 +424,28 @@ def run_pipeline(cfg: Config, run_dir: str | Path, variants: Sequence[str] = ("m
 # reports ---------------------------------------------------------------------------
 
 def result_rows(results: dict) -> dict[str, dict]:
-    """``{row: {"label", "metrics", "wall_s", "steps"}}``: direct transfer, then each variant."""
-    rows = {"direct": {"label": DIRECT_LABEL, "metrics": results["direct"]["metrics"],
-                       "wall_s": results["direct"].get("wall_s"), "steps": None}}
+    """``{row: {"label", "metrics", "rerank", "wall_s", "steps"}}``: direct transfer, then each
+    variant; ``rerank`` is the stage's re-ranked block (``rerank_scores``), None when it has none."""
+    direct = results["direct"]
+    rows = {"direct": {"label": DIRECT_LABEL, "metrics": direct["metrics"], "rerank": direct.get("rerank"),
+                       "wall_s": direct.get("wall_s"), "steps": None}}
     for name, result in results["variants"].items():
-        rows[name] = {"label": result["label"], "metrics": result["metrics"], "wall_s": result.get("wall_s"),
-                      "steps": result.get("steps")}
+        rows[name] = {"label": result["label"], "metrics": result["metrics"], "rerank": result.get("rerank"),
+                      "wall_s": result.get("wall_s"), "steps": result.get("steps")}
     return rows
+
+
+def _reranked(rows: Sequence[dict]) -> dict | None:
+    """The re-ranking settings of the first of ``rows`` (result rows or seed summaries) that was
+    re-ranked; None when none was, and the tables get no re-ranked columns."""
+    block = next((row["rerank"] for row in rows if row.get("rerank")), None)
+    return None if block is None else {key: block[key] for key in RERANK_SETTINGS}
+
+
+def _rerank_note(settings: dict) -> str:
+    return (f"Re-ranked: the same features after k-reciprocal re-ranking (Zhong et al., CVPR 2017; "
+            f"k1 = {settings['k1']}, k2 = {settings['k2']}, lambda = {settings['lambda']}), "
+            f"under the {settings['ap_rule']} AP rule.")
 
 
 def _percent(value: float) -> str:
@@ -383,13 +462,18 @@ def results_markdown(results: dict) -> str:
     """``results.md`` of one run: a table of direct transfer and every variant, and the settings."""
     rule, rules = results["ap_rule"], results["rules"]
     extra_rules = [r for r in rules if r != rule]
+    rows = result_rows(results)
+    reranked = _reranked(list(rows.values()))
     head = ["method", "rank-1", "rank-5", "rank-10", f"mAP ({rule})"] + [f"mAP ({r})" for r in extra_rules] \
-        + ["MAR steps", "wall time"]
+        + (list(RERANK_COLUMNS.values()) if reranked else []) + ["MAR steps", "wall time"]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
-    for row in result_rows(results).values():
+    for row in rows.values():
         m = row["metrics"][rule]
         cells = [row["label"], *(_percent(m[k]) for k in METRIC_KEYS)]
         cells += [_percent(row["metrics"][r]["mAP"]) for r in extra_rules]
+        if reranked:
+            block = row["rerank"]
+            cells += [_percent(block["metrics"][k]) if block else "-" for k in RERANK_COLUMNS]
         cells += [str(row["steps"]) if row["steps"] is not None else "-", _seconds(row["wall_s"])]
         lines.append(f"| {' | '.join(cells)} |")
     pre = results["pretrain"]
@@ -402,7 +486,7 @@ def results_markdown(results: dict) -> str:
         f"target (unlabeled): {results['target']['root']} ({results['target']['format']}).",
         f"Pretraining: {pre_text}. Ranks and mAP in % under the {rule} AP rule"
         + (f"; mAP also under {', '.join(extra_rules)} (the rule of the paper's numbers)." if extra_rules else "."),
-    ]
+    ] + ([_rerank_note(reranked)] if reranked else [])
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -411,7 +495,9 @@ def aggregate_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
 
     Returns ``{row: {"label", rule: {metric: {"mean", "std", "values"}}, "wall_s": {...}}}`` for
     the rows present in every seed's results; ``std`` is the sample standard deviation
-    (ddof = 1), 0 for a single seed.
+    (ddof = 1), 0 for a single seed. A row re-ranked in every seed also has ``"rerank"``:
+    the first seed's settings (``"ap_rule"``, ``"k1"``, ``"k2"``, ``"lambda"``) and
+    ``"metrics": {metric: {"mean", "std", "values"}}``.
     """
     rows_per_seed = [result_rows(results) for results in per_seed.values()]
     rules = next(iter(per_seed.values()))["rules"]
@@ -428,6 +514,10 @@ def aggregate_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
         for rule in rules:
             entry[rule] = {key: stats([rows[row]["metrics"][rule][key] for rows in rows_per_seed])
                            for key in METRIC_KEYS}
+        blocks = [rows[row]["rerank"] for rows in rows_per_seed]
+        if all(blocks):
+            entry["rerank"] = {**{key: blocks[0][key] for key in RERANK_SETTINGS},
+                               "metrics": {key: stats([b["metrics"][key] for b in blocks]) for key in METRIC_KEYS}}
         walls = [rows[row]["wall_s"] for rows in rows_per_seed]
         entry["wall_s"] = stats(walls) if all(w is not None for w in walls) else None
         out[row] = entry
@@ -437,8 +527,9 @@ def aggregate_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
 def seeds_markdown(summary: dict[str, dict], seeds: Sequence[int], rule: str, rules: Sequence[str]) -> str:
     """The seeds table: mean ± sample std over ``seeds`` of each row, in %."""
     extra_rules = [r for r in rules if r != rule]
+    reranked = _reranked(list(summary.values()))
     head = ["method", "rank-1", "rank-5", "rank-10", f"mAP ({rule})"] + [f"mAP ({r})" for r in extra_rules] \
-        + ["wall time (mean)"]
+        + (list(RERANK_COLUMNS.values()) if reranked else []) + ["wall time (mean)"]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
 
     def cell(stat: dict) -> str:
@@ -448,15 +539,19 @@ def seeds_markdown(summary: dict[str, dict], seeds: Sequence[int], rule: str, ru
     for entry in summary.values():
         cells = [entry["label"], *(cell(entry[rule][k]) for k in METRIC_KEYS)]
         cells += [cell(entry[r]["mAP"]) for r in extra_rules]
+        if reranked:
+            block = entry.get("rerank")
+            cells += [cell(block["metrics"][k]) if block else "-" for k in RERANK_COLUMNS]
         cells.append(_seconds(entry["wall_s"]["mean"]) if entry["wall_s"] else "-")
         lines.append(f"| {' | '.join(cells)} |")
     note = (f"Mean ± sample standard deviation over seeds {', '.join(str(s) for s in seeds)} "
-            f"(each seed: its own data and training seed); % under the {rule} AP rule.")
+            f"(each seed: its own data and training seed); % under the {rule} AP rule."
+            + (" " + _rerank_note(reranked) if reranked else ""))
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 __all__ = [
     "ABLATION", "COMPARISON_RULE", "VARIANTS", "Pipeline", "aggregate_seeds", "evaluate_rules",
-    "evaluation_rules", "fingerprint", "parse_variants", "result_rows", "results_markdown", "run_pipeline",
-    "seeds_markdown", "throughput",
+    "evaluation_rules", "fingerprint", "parse_variants", "rerank_scores", "result_rows", "results_markdown",
+    "run_pipeline", "seeds_markdown", "throughput",
 ]
