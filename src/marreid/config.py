@@ -22,11 +22,13 @@ from marreid.data.sample import SPLITS
 from marreid.errors import ConfigError, read_utf8
 from marreid.metrics.distance import METRICS
 from marreid.metrics.rank import AP_RULES
+from marreid.methods.registry import METHODS, known_methods
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 FORWARDS = ("per_domain", "joint")
+CC_INITS = ("pretrained", "backbone")
 INIT_PASSES = ("all", "release")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -118,6 +120,51 @@ class MarConfig:
 
 
 @dataclass
+class ClusterContrastConfig:
+    """Cluster contrast (Dai et al. 2021; ``train.method=cluster_contrast``) and its MAR hybrid.
+
+    Each epoch: features of every target training image (test transform, eval mode), the
+    k-reciprocal Jaccard distance (``k1``, ``k2``), DBSCAN (``eps``, ``min_samples``; outliers
+    dropped), a cluster memory of the centroids updated with ``momentum`` per batch feature,
+    and InfoNCE against it at ``temperature`` over identity-balanced batches (``batch_size``
+    = P pseudo identities x ``instances``), ``iters_per_epoch`` steps of Adam (``lr``,
+    ``weight_decay``) with the learning rate x ``gamma`` at the ``milestones`` (as in
+    :class:`OptimConfig`: below 1 a fraction of ``epochs``).
+
+    The values of the method are the paper's (k1 30, k2 6, eps 0.6, min_samples 4, momentum
+    0.1, temperature 0.05, K = 4, Adam 3.5e-4 / 5e-4, lr x 0.1 at 2/5 and 4/5 of training as
+    its step size 20 of 50 epochs). The schedule is CPU-sized: one clustering of Market's
+    12,936 training images costs minutes on two CPU cores, so this runs fewer, longer epochs
+    (8 x 200 steps of 64 = 16 x 4 images) than the paper's 50 x 400 steps of 256 on GPUs.
+
+    ``init``: ``pretrained`` starts from the pretrain checkpoint, as MAR does
+    (``train.pretrained_checkpoint``); ``backbone`` from the backbone weights of
+    ``model.pretrained`` alone (an ImageNet file; unset: random), and then no auxiliary
+    set is read at all. ``agreement_weight`` w > 0 is the hybrid: DBSCAN clusters
+    (1 - w) d_J + w (1 - A), A MAR's soft multilabel agreement over the model's reference
+    agents (kept fixed; they need ``init=pretrained``); w < 1 - eps (see
+    ``metrics.cluster.blend_cutoff``). 0 is pure cluster contrast.
+    """
+
+    init: str = "pretrained"
+    k1: int = 30
+    k2: int = 6
+    eps: float = 0.6
+    min_samples: int = 4
+    momentum: float = 0.1
+    temperature: float = 0.05
+    batch_size: int = 64
+    instances: int = 4
+    iters_per_epoch: int = 200
+    epochs: int = 8
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    milestones: list[float] = field(default_factory=lambda: [0.4, 0.8])
+    gamma: float = 0.1
+    agreement_weight: float = 0.0
+
+
+@dataclass
 class OptimConfig:
     """SGD for MAR. ``milestones`` below 1 are fractions of ``epochs`` (the release's
     epochs*5/8 and epochs*7/8, rounded down); values of 1 or more are epoch numbers."""
@@ -135,6 +182,8 @@ class OptimConfig:
 class TrainConfig:
     """Batching, seeding, checkpoint / evaluation cadence and the device.
 
+    ``method``: the adaptation method (``methods.registry``: ``mar``, ``cluster_contrast``);
+    each reads its own section (``mar`` + ``optim``, ``cc``).
     ``pretrained_checkpoint`` is the ``marreid pretrain`` checkpoint whose classifier rows
     become the reference agents (``marreid train --pretrained`` sets it; None: the
     ``last.pt`` in ``output.pretrain_dir``).
@@ -151,6 +200,7 @@ class TrainConfig:
     46 is the release's 184 images over 4 GPUs). See ``engine.forward``.
     """
 
+    method: str = "mar"
     pretrained_checkpoint: str | None = None
     aux_batch: int = 184
     target_batch: int = 184
@@ -204,6 +254,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     mar: MarConfig = field(default_factory=MarConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    cc: ClusterContrastConfig = field(default_factory=ClusterContrastConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -331,7 +382,35 @@ def validate(cfg: Config) -> None:
     resolve_milestones(cfg.optim.milestones, cfg.optim.epochs, "optim.milestones")
     resolve_milestones(cfg.pretrain.milestones, cfg.pretrain.epochs, "pretrain.milestones")
     _check_choice(cfg.mar.init_pass, INIT_PASSES, "mar.init_pass")
+    if cfg.train.method not in METHODS:
+        raise ConfigError(f"train.method: unknown method {cfg.train.method!r}; known: {known_methods()}")
     _validate_forward(cfg.train)
+    _validate_cc(cfg.cc)
+
+
+def _validate_cc(cc: ClusterContrastConfig) -> None:
+    """The ``cc`` section's values, each alone and together."""
+    _check_choice(cc.init, CC_INITS, "cc.init")
+    for name in ("k1", "k2", "eps", "min_samples", "temperature", "batch_size", "instances", "iters_per_epoch",
+                 "epochs", "lr", "gamma"):
+        _check_positive(getattr(cc, name), f"cc.{name}")
+    _check_positive(cc.weight_decay, "cc.weight_decay", allow_zero=True)
+    if not 0.0 <= cc.momentum <= 1.0:
+        raise ConfigError(f"cc.momentum: must be in [0, 1], got {cc.momentum!r}")
+    if cc.batch_size % cc.instances:
+        raise ConfigError(f"cc.batch_size={cc.batch_size} must be a multiple of cc.instances={cc.instances} "
+                          f"(P pseudo identities x K instances)")
+    if cc.batch_size < 2:
+        raise ConfigError(f"cc.batch_size: BatchNorm needs at least 2 images per batch, got {cc.batch_size}")
+    resolve_milestones(cc.milestones, cc.epochs, "cc.milestones")
+    if cc.eps >= 1.0:
+        raise ConfigError(f"cc.eps: must be below 1 (the largest Jaccard distance), got {cc.eps!r}")
+    if not 0.0 <= cc.agreement_weight < 1.0 - cc.eps:
+        raise ConfigError(f"cc.agreement_weight: must be in [0, 1 - cc.eps) = [0, {1.0 - cc.eps:.6g}), got "
+                          f"{cc.agreement_weight!r} (at 1 - eps every pair of images could become a DBSCAN edge)")
+    if cc.agreement_weight > 0 and cc.init != "pretrained":
+        raise ConfigError("cc.agreement_weight > 0 needs the reference agents of a pretrain checkpoint: "
+                          "set cc.init=pretrained")
 
 
 def _validate_forward(t: TrainConfig) -> None:
@@ -463,7 +542,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "Config", "DataConfig", "ModelConfig", "PretrainConfig", "MarConfig", "OptimConfig",
+    "Config", "DataConfig", "ModelConfig", "PretrainConfig", "MarConfig", "OptimConfig", "ClusterContrastConfig",
     "TrainConfig", "EvalConfig", "OutputConfig", "load_config", "config_from_dict",
     "config_to_dict", "save_config", "resolve_milestones", "validate",
 ]

@@ -2,6 +2,9 @@
 
 A resumed run appends to the log and repeats the steps after its checkpoint, so
 each step keeps its last record: the one the finished model actually followed.
+The loss terms (one panel each, first) are the ones the run's ``start`` record
+names (``terms``: the trainer's, i.e. the method's ``term_names``); a log
+without them gets every registered method's and pretraining's.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from marreid.analysis.plotting import plot_curves
@@ -20,7 +23,6 @@ from marreid.errors import DatasetError
 # Per-step keys that are bookkeeping, not curves.
 STEP_SKIP = ("kind", "step")
 EVAL_KEY = re.compile(r"^(rank\d+|mAP)$")
-LOSS_TERMS = ("loss", "al", "rj", "ral", "cml", "mdl", "accuracy")
 GROUPS = (
     ("mined pairs", ("mined", "positives", "negatives")),
     ("agreement threshold T", ("threshold",)),
@@ -76,15 +78,35 @@ def eval_table(records: list[dict]) -> tuple[list[str], list[list[float | None]]
                         keep=lambda key: bool(EVAL_KEY.match(key)))
 
 
-def panel_groups(step_columns: list[str], eval_columns: list[str]) -> list[tuple[str, str, list[str]]]:
-    """The figure's panels as (title, "step" or "eval", columns): one per loss term, the per-camera
-    L_CML shares together, the mining counts together, then the rest, evaluation last."""
+def known_terms() -> tuple[str, ...]:
+    """Pretraining's and every registered method's loss terms, for logs that do not name theirs."""
+    from marreid.engine.pretrain import Pretrainer
+    from marreid.methods.registry import METHODS, method_class
+
+    names = dict.fromkeys(Pretrainer.loss_names)
+    for method in METHODS:
+        names.update(dict.fromkeys(method_class(method).term_names))
+    return tuple(names)
+
+
+def logged_terms(records: Iterable[dict]) -> tuple[str, ...] | None:
+    """The loss terms the last ``start`` record that names them lists, or None."""
+    named = [r["terms"] for r in records if r.get("kind") == "start" and isinstance(r.get("terms"), list)]
+    return tuple(named[-1]) if named else None
+
+
+def panel_groups(step_columns: list[str], eval_columns: list[str],
+                 terms: Sequence[str] | None = None) -> list[tuple[str, str, list[str]]]:
+    """The figure's panels as (title, "step" or "eval", columns): one per loss term (``terms``,
+    default ``known_terms()``), the per-camera L_CML shares together, the mining counts
+    together, then the rest, evaluation last."""
+    terms = known_terms() if terms is None else tuple(terms)
     present = [c for c in step_columns if c not in ("step", "epoch")]
-    panels: list[tuple[str, str, list[str]]] = [(term, "step", [term]) for term in LOSS_TERMS if term in present]
+    panels: list[tuple[str, str, list[str]]] = [(term, "step", [term]) for term in terms if term in present]
     cameras = [c for c in present if CML_CAMERA.match(c)]
     if cameras:
         panels.append(("L_CML share per camera", "step", cameras))
-    grouped = set(LOSS_TERMS) | set(cameras)
+    grouped = set(terms) | set(cameras)
     for title, keys in GROUPS:
         found = [k for k in keys if k in present]
         if found:
@@ -138,7 +160,7 @@ def write_curves(log_path: str | Path, out_dir: str | Path) -> dict:
         raise DatasetError(f"{log_path}: no step or eval records to plot")
     tables = {"step": steps, "eval": evals}
     panels = [(title, [(key, *column(tables[source], key)) for key in keys])
-              for title, source, keys in panel_groups(steps[0], evals[0])]
+              for title, source, keys in panel_groups(steps[0], evals[0], logged_terms(records))]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return {
@@ -195,5 +217,6 @@ def write_eval_comparison(runs: list[tuple[str, str | Path]], out_dir: str | Pat
     return {"png": plot_curves(panels, out_dir / f"{name}.png"), "csv": csv_path, "rows": len(rows)}
 
 
-__all__ = ["as_number", "latest_per_step", "series_table", "step_table", "eval_table", "panel_groups", "column",
+__all__ = ["as_number", "latest_per_step", "series_table", "step_table", "eval_table", "known_terms", "logged_terms",
+           "panel_groups", "column",
            "read_run_log", "write_table", "write_curves", "comparison_rows", "write_eval_comparison"]

@@ -1,5 +1,6 @@
-"""``marreid analyze``: the supplementary analyses, ``lognormal`` (Fig. S1) and ``sweep`` (Fig. S2), and the
-diagnostics ``mining`` (L_MDL's mining over the whole target set) and ``gradients`` (each term's gradient share)."""
+"""``marreid analyze``: the supplementary analyses, ``lognormal`` (Fig. S1) and ``sweep`` (Fig. S2), the
+diagnostics ``mining`` (L_MDL's mining over the whole target set) and ``gradients`` (each term's gradient share),
+and ``cluster-weights`` (the hybrid's blend weight chosen on held-out target training identities)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(gr, positional=False)
     add_trust_arg(gr)
     gr.set_defaults(func=run_gradients)
+
+    cw = sub.add_parser(
+        "cluster-weights",
+        help="choose the hybrid's agreement weight on held-out target training identities",
+        description="Splits the target's training identities (a seeded --fraction of them, train.seed) and "
+                    "clusters those validation images as the cluster-contrast hybrid does each epoch: DBSCAN on "
+                    "(1 - w) d_J + w (1 - A), A MAR's soft-multilabel agreement over the checkpoint's reference "
+                    "agents, with the cc section's k1, k2, eps and min_samples. Each weight's clustering is "
+                    "scored against the identities of the file names (pair precision / recall / F, ARI, NMI); "
+                    "the test split is never read. Prints the table and the weight with the best pair F, and "
+                    "writes cluster_weights.json to --out (default: the checkpoint's folder).",
+    )
+    cw.add_argument("checkpoint", metavar="CHECKPOINT", help="a marreid pretrain checkpoint (it holds the agents)")
+    cw.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3], metavar="W",
+                    help="the weights to compare (default: 0 0.1 0.2 0.3; each below 1 - cc.eps)")
+    cw.add_argument("--fraction", type=float, default=0.2,
+                    help="share of the target's training identities held out for validation (default: 0.2)")
+    cw.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    add_config_args(cw, positional=False)
+    add_trust_arg(cw)
+    cw.set_defaults(func=run_cluster_weights)
 
 
 def run_lognormal(args: argparse.Namespace) -> int:
@@ -189,3 +211,46 @@ def _write_report(out: Path, name: str, data: dict) -> Path:
     path = out / name
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def run_cluster_weights(args: argparse.Namespace) -> int:
+    from marreid.analysis.clusterval import pick_weight, validate_cluster_weights
+    from marreid.data.split import split_identities
+    from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, model_outputs, resolve_device
+    from marreid.errors import CheckpointError
+    from marreid.losses.multilabel import log_soft_multilabel
+    from marreid.metrics.cluster import blend_cutoff
+
+    cfg, state = checkpoint_config(args, args.checkpoint)
+    for weight in args.weights:
+        blend_cutoff(weight, cfg.cc.eps)  # refuses a weight now, before the features are extracted
+    if "kind" not in state:
+        raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint, so it has no reference agents "
+                              f"to compute soft multilabels against")
+    out = output_dir(args)
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
+    target = load_target(cfg)
+    _, validation = split_identities(target.train, args.fraction, cfg.train.seed)
+    feats, logits = model_outputs(model, validation, eval_transform(cfg), cfg.eval.batch_size,
+                                  cfg.data.num_workers, device)
+    pids = [s.pid for s in validation]
+    cc = cfg.cc
+    rows = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(), pids, args.weights,
+                                    k1=cc.k1, k2=cc.k2, eps=cc.eps, min_samples=cc.min_samples)
+    best = pick_weight(rows)
+    print(f"{len(validation)} validation images of {len(set(pids))} held-out target training identities "
+          f"(fraction {args.fraction}, seed {cfg.train.seed})")
+    print(f"{'weight':>7} {'pair P':>7} {'pair R':>7} {'pair F':>7} {'ARI':>6} {'NMI':>6} {'clusters':>8} {'outliers':>8}")
+    for row in rows:
+        print(f"{row['weight']:>7.3g} {row['pair_precision']:>7.3f} {row['pair_recall']:>7.3f} {row['pair_f']:>7.3f} "
+              f"{row['ari']:>6.3f} {row['nmi']:>6.3f} {row['clusters']:>8d} {row['outlier_share']:>8.3f}")
+    print(f"best pair F at weight {best:g}: set cc.agreement_weight={best:g}")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(args.checkpoint), "fraction": args.fraction, "seed": cfg.train.seed,
+              "images": len(validation), "identities": len(set(pids)), "k1": cc.k1, "k2": cc.k2, "eps": cc.eps,
+              "min_samples": cc.min_samples, "rows": rows, "best_weight": best}
+    path = out / "cluster_weights.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0

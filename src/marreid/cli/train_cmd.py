@@ -1,4 +1,4 @@
-"""``marreid train``: MAR adaptation to the unlabeled target, starting from a pretrained checkpoint."""
+"""``marreid train``: adaptation to the unlabeled target by the method of ``train.method`` (MAR by default)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from marreid.cli.common import (add_config_args, add_run_args, add_trust_arg, pr
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train MAR on the unlabeled target from a pretrained checkpoint",
-        description="MAR (Eq. 10) on auxiliary + unlabeled target batches, then evaluation on the "
-                    "target's query / gallery. Writes config.yaml, log.jsonl, last.pt and metrics.json to "
-                    "the run directory (output.run_dir unless --run-dir).",
+        help="train MAR (or another train.method) on the unlabeled target from a pretrained checkpoint",
+        description="Adaptation to the unlabeled target by train.method: mar (default; Eq. 10 on auxiliary + "
+                    "unlabeled target batches) or cluster_contrast (Dai et al. 2021, the cc section; "
+                    "--set train.method=cluster_contrast), then evaluation on the target's query / gallery. "
+                    "Writes config.yaml, log.jsonl, last.pt and metrics.json to the run directory "
+                    "(output.run_dir unless --run-dir).",
     )
     add_config_args(parser)
     add_run_args(parser)
     parser.add_argument("--pretrained", metavar="CKPT",
-                        help="the pretrain checkpoint whose classifier rows become the agents "
+                        help="the pretrain checkpoint the run starts from, whose classifier rows become the agents "
                              "(default: train.pretrained_checkpoint, else output.pretrain_dir/last.pt)")
     add_trust_arg(parser)
     parser.set_defaults(func=run)

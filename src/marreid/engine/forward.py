@@ -49,13 +49,16 @@ class BatchNormGroups:
 
 
 def plan_groups(n_aux: int, n_target: int, forward: str, bn_batch: int | None, rank: int = 0,
-                world_size: int = 1) -> BatchNormGroups:
+                world_size: int = 1, keys: tuple[str, str] = ("train.aux_batch", "train.target_batch")
+                ) -> BatchNormGroups:
     """The BatchNorm groups of one rank's ``[auxiliary rows; target rows]``.
 
     ``joint``: one group of everything. ``per_domain``: each domain cut into groups of
     ``bn_batch`` rows (or one group per domain when ``bn_batch`` is None); the running
     statistics follow the first group of each domain, auxiliary then target, as the
-    release's replica 0 does. ``n_aux`` / ``n_target`` are this rank's slice sizes.
+    release's replica 0 does. ``n_aux`` / ``n_target`` are this rank's slice sizes; a
+    domain without rows (a method that draws no auxiliary batch) has no group. ``keys``
+    name the options that set the two batch sizes, for the error messages.
 
     >>> plan_groups(4, 4, "per_domain", 2)
     BatchNormGroups(sizes=(2, 2, 2, 2), update=(True, False, True, False))
@@ -68,10 +71,11 @@ def plan_groups(n_aux: int, n_target: int, forward: str, bn_batch: int | None, r
         if world_size > 1:
             raise ConfigError("train.bn_batch must be set under torchrun with train.forward=per_domain, so that "
                               "BatchNorm batches do not depend on the process count (46: the release's 4 GPUs)")
-        return BatchNormGroups((n_aux, n_target), (True, True))
+        sizes = tuple(rows for rows in (n_aux, n_target) if rows)
+        return BatchNormGroups(sizes, (True,) * len(sizes))
     sizes: list[int] = []
     update: list[bool] = []
-    for name, rows in (("train.aux_batch", n_aux), ("train.target_batch", n_target)):
+    for name, rows in zip(keys, (n_aux, n_target)):
         if rows % bn_batch:
             where = f"of each of the {world_size} ranks" if world_size > 1 else "of a step"
             raise ConfigError(f"train.bn_batch={bn_batch} does not divide the {rows} {name} images {where}")

@@ -45,6 +45,7 @@ class Pretrainer(SteppedTrainer):
     """L_AL on the auxiliary set (the agents are the classifier rows)."""
 
     kind = "pretrain"
+    loss_names = ("loss", "accuracy")
 
     def __init__(self, cfg: Config, aux: list[Sample], run_dir: str | Path, logger: RunLogger | None = None) -> None:
         super().__init__(cfg, run_dir, logger)
@@ -91,7 +92,8 @@ def run_pretrain(cfg: Config, resume: bool = False, logger: RunLogger | None = N
     save_config(cfg, run_dir / "config.yaml")
     if screen.skipped:
         trainer.logger.log("skipped_images", screen.record)
-    trainer.logger.log("start", {"run": "pretrain", "aux_images": len(aux), "num_agents": trainer.num_agents,
+    trainer.logger.log("start", {"run": "pretrain", "terms": list(trainer.loss_names), "aux_images": len(aux),
+                                 "num_agents": trainer.num_agents,
                                  "steps_per_epoch": trainer.batches.steps_per_epoch, "resumed_at": trainer.step})
     stop = StopOnSignals(trainer).install()
     try:

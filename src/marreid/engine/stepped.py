@@ -1,8 +1,9 @@
-"""The step loop both trainings share: ``SteppedTrainer`` and its SGD and loss-guard helpers.
+"""The step loop every training shares: ``SteppedTrainer`` and its SGD and loss-guard helpers.
 
-``SteppedTrainer`` holds what pretraining (``engine.pretrain``) and MAR training
-(``engine.train``) share: the global step counter, epochs over ``PairedBatches``,
-the learning-rate schedule, checkpoints (``LAST`` in the run folder) that resume
+``SteppedTrainer`` holds what pretraining (``engine.pretrain``) and adaptation
+(``engine.train``, any method) share: the global step counter, epochs over a
+resumable batch stream (``PairedBatches``, ``PseudoLabelBatches``), the
+learning-rate schedule, checkpoints (``LAST`` in the run folder) that resume
 exactly, the non-finite guard, logging and the ``stop_requested`` seam for
 signal handling.
 """
@@ -62,11 +63,14 @@ def check_finite(terms: dict[str, float], names: tuple[str, ...], step: int, che
 
 
 class SteppedTrainer:
-    """Epochs of ``PairedBatches`` counted by a global step, with exact resume.
+    """Epochs of a batch stream counted by a global step, with exact resume.
 
     Subclasses set ``model``, ``optimizer``, ``scheduler``, ``batches``, ``epochs``,
     ``max_steps``, ``checkpoint_every``, ``kind`` and implement ``compute_loss``; the
-    loop checks every name in ``loss_names`` is finite before the SGD step.
+    loop checks every name in ``loss_names`` is finite before the optimiser step, and
+    calls ``epoch_start`` before an epoch's (first remaining) step and ``end_step``
+    after each optimiser step. A batch stream yields ``(step, aux_batch, target_batch)``,
+    either batch possibly None.
     ``step`` is always the next global step to run; the epoch and the step within
     it follow from it. Setting ``stop_requested`` (e.g. from a signal handler)
     ends the run after the current step with a checkpoint.
@@ -94,6 +98,16 @@ class SteppedTrainer:
         """The total loss of one step (in the graph) and its terms as floats."""
         raise NotImplementedError
 
+    def end_step(self) -> None:
+        """Called after the optimiser step of a step that trained (state updates)."""
+
+    def epoch_start(self, epoch: int) -> None:
+        """Called before the steps of ``epoch`` run, on a fresh epoch and on a resumed one."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.steps_per_epoch
+
     def extra_state(self) -> dict:
         """What a subclass adds to the checkpoint."""
         return {}
@@ -111,7 +125,7 @@ class SteppedTrainer:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs, as tensors and plain containers."""
-        epoch = self.step // self.batches.steps_per_epoch
+        epoch = self.step // self.steps_per_epoch
         return {
             "kind": self.kind,
             "model": self.model.state_dict(),
@@ -168,12 +182,13 @@ class SteppedTrainer:
     # the loop -------------------------------------------------------------------
     def fit(self) -> str:
         """Run until the last epoch ends ("done"), ``max_steps`` ("max_steps") or a stop request ("stopped")."""
-        per_epoch = self.batches.steps_per_epoch
+        per_epoch = self.steps_per_epoch
         self.model.train()
         if self.max_steps and self.step >= self.max_steps:
             return "max_steps"
         while self.step < self.epochs * per_epoch:
             epoch, start = divmod(self.step, per_epoch)
+            self.epoch_start(epoch)
             bar = self.logger.progress(total=per_epoch, initial=start, unit="step",
                                        desc=f"{self.kind} epoch {epoch + 1}/{self.epochs}")
             tick = time.perf_counter()
@@ -187,8 +202,9 @@ class SteppedTrainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         total.backward()
                         self.optimizer.step()
+                        self.end_step()
                     self.step += 1
-                    images = aux_batch[0].shape[0] + (target_batch[0].shape[0] if target_batch is not None else 0)
+                    images = sum(batch[0].shape[0] for batch in (aux_batch, target_batch) if batch is not None)
                     now = time.perf_counter()
                     self.logger.log("step", {"epoch": epoch, "lr": lr, **terms,
                                              "images_per_s": images / max(now - tick, 1e-9)}, step=self.step - 1)

@@ -1,9 +1,16 @@
-"""The MAR objective, Eq. 10: L = L_MDL + lambda1 * L_CML + lambda2 * L_RAL, with switches for the ablations."""
+"""The MAR objective, Eq. 10: L = L_MDL + lambda1 * L_CML + lambda2 * L_RAL, with switches for the ablations.
+
+``MARLoss.compute`` takes one step's terms as a value and the state update they imply
+(``MARPending``); ``commit`` writes that update; ``forward`` is the two in a row (training
+mode), the one code path both the loss-level callers and ``methods.mar`` go through.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +26,8 @@ from marreid.losses.agents import (
 )
 from marreid.losses.cml import LogMultilabelStats, camera_shares, per_camera_stats
 from marreid.losses.mdl import AgreementThreshold, MiningStats, MultilabelMemory, mdl_loss
-from marreid.losses.multilabel import agreement_top_quantile, log_soft_multilabel, pair_agreements, upcast
+from marreid.losses.multilabel import (agreement_top_quantile, log_soft_multilabel, pair_agreements, top_quantile,
+                                       upcast)
 
 Tensor = torch.Tensor
 
@@ -41,6 +49,28 @@ def without_autocast(forward: Callable) -> Callable:
             return forward(self, *args, **kwargs)
 
     return run
+
+
+@dataclass
+class MARPending:
+    """The state one training step implies, computed as values: the running ``(mean, std)``,
+    the memory's ``(indices, rows)`` and T (a 0-d tensor); None where the step changes nothing."""
+
+    stats: tuple[Tensor, Tensor] | None = None
+    memory: tuple[Tensor, Tensor] | None = None
+    threshold: Tensor | None = None
+
+
+class MARTerms(NamedTuple):
+    """Eq. 10 of one step (:meth:`MARLoss.compute`): ``total`` in the graph, ``weighted`` the
+    switched-on terms as they enter it (``mdl``, ``cml`` x lambda1, ``al`` x lambda2, ``rj`` x
+    lambda2 beta; they sum to ``total`` up to rounding), ``log`` the floats :meth:`MARLoss.forward`
+    returns, ``pending`` the state update."""
+
+    total: Tensor
+    weighted: dict[str, Tensor]
+    log: dict[str, float]
+    pending: MARPending
 
 
 def one_hot_rows(y: Tensor) -> Tensor:
@@ -134,35 +164,43 @@ class MARLoss(nn.Module):
     def _agreement_rows(self, y: Tensor) -> Tensor:
         return one_hot_rows(y) if self.hard_labels else y
 
-    def _cml(self, log_y: Tensor, camids: Tensor, terms: dict[str, float]) -> Tensor:
-        """L_CML against the running mu / sigma, updated first from this batch when training (release order)."""
+    def _cml(self, log_y: Tensor, camids: Tensor, log: dict[str, float], pending: MARPending) -> Tensor:
+        """L_CML against the running mu / sigma; in training mode against those values moved first
+        toward this batch's (release order), the moved values going to ``pending``."""
         if not bool(self.stats.initialized):
             raise TrainingError("MARLoss.initialize must run before training: the running mu / sigma are unset")
         cams, means, stds = per_camera_stats(log_y, camids)
-        if self.training:
-            self.stats.update_from_cameras(means, stds, self.stats_momentum)
-        shares = camera_shares(means, stds, self.stats.running_mean, self.stats.running_std)
-        terms.update({f"cml_cam{int(c)}": float(s) for c, s in zip(cams, shares.detach())})
+        mean, std = self.stats.running_mean, self.stats.running_std
+        if self.training and len(means):
+            # LogMultilabelStats.update_from_cameras's arithmetic, out of place
+            m = self.stats_momentum
+            mean = mean.mul(1.0 - m).add(m * means.detach().mean(0).to(mean.dtype))
+            std = std.mul(1.0 - m).add(m * stds.detach().mean(0).to(std.dtype))
+            pending.stats = (mean, std)
+        shares = camera_shares(means, stds, mean, std)
+        log.update({f"cml_cam{int(c)}": float(s) for c, s in zip(cams, shares.detach())})
         return shares.sum()
 
     def _mdl(
-        self, feat: Tensor, log_y: Tensor, index: Tensor, pids: Tensor | None
+        self, feat: Tensor, log_y: Tensor, index: Tensor, pids: Tensor | None, pending: MARPending
     ) -> tuple[Tensor, MiningStats]:
-        """L_MDL; with agreement positives, split by the current T on the memory rows after this batch's update,
-        then T moves toward the batch's quantile (release order); state changes only when training."""
+        """L_MDL; with agreement positives, split by the current T on the memory rows blended with
+        this batch, after which (in training mode) T would move toward the batch's quantile
+        (release order): the rows and the new T go to ``pending``."""
         if not self.uses_agreement:
             return mdl_loss(feat, None, self.threshold.value, self.mining_ratio, pids)
         if not bool(self.threshold.initialized):
             raise TrainingError("MARLoss.initialize must run before L_MDL is switched on: T is unset")
-        y = log_y.detach().exp()
-        if self.training:
-            rows = self.memory.update(index, y, self.memory_momentum)
-        else:
-            rows = self.memory.blend(index, y, self.memory_momentum)
+        rows = self.memory.blend(index, log_y.detach().exp(), self.memory_momentum)
         agreements = pair_agreements(self._agreement_rows(rows))
         loss, mining = mdl_loss(feat, agreements, self.threshold.value, self.mining_ratio, pids)
         if self.training:
-            self.threshold.update(agreements, self.mining_ratio, self.threshold_momentum)
+            pending.memory = (index, rows)
+            if len(agreements):
+                # AgreementThreshold.update's arithmetic, out of place
+                m = self.threshold_momentum
+                quantile = top_quantile(agreements.detach(), self.mining_ratio)
+                pending.threshold = self.threshold.threshold.mul(1.0 - m).add(m * quantile)
         return loss, mining
 
     @torch.no_grad()
@@ -184,6 +222,90 @@ class MARLoss(nn.Module):
             self.threshold.initialize(agreement_top_quantile(rows, self.mining_ratio))
 
     @without_autocast
+    def compute(
+        self,
+        aux_feat: Tensor,
+        aux_logits: Tensor,
+        aux_labels: Tensor,
+        tgt_feat: Tensor,
+        tgt_logits: Tensor,
+        tgt_camids: Tensor,
+        tgt_index: Tensor,
+        agents: Tensor,
+        *,
+        mdl_on: bool,
+        tgt_pids: Tensor | None = None,
+    ) -> MARTerms:
+        """Eq. 10 of one step as a value; the state (statistics, memory, T) is left as it is.
+
+        In training mode the terms are those of a training step: L_CML is taken against the
+        running statistics already moved toward this batch, L_MDL on the memory rows blended
+        with it, and the state these imply is returned as ``pending`` for :meth:`commit`. In
+        eval mode L_CML uses the statistics as they are and ``pending`` stays empty.
+        The arguments are :meth:`forward`'s.
+        """
+        aux_feat, tgt_feat = upcast(aux_feat), upcast(tgt_feat)
+        agents = upcast(agents).detach()
+        zero = tgt_feat.new_zeros(())
+
+        # The target's products with the detached agents serve both L_RJ and the multilabel.
+        tgt_products, scale = agent_products(tgt_feat, agents, tgt_logits)
+        log_y = log_soft_multilabel(scale * tgt_products)
+        al = agent_loss(aux_logits, aux_labels) if self.use_al else zero
+        rj = zero
+        if self.use_rj:
+            d2_aux = squared_distances(aux_feat, agents, agent_products(aux_feat, agents, aux_logits)[0])
+            d2_tgt = squared_distances(tgt_feat, agents, tgt_products)
+            rj = joint_embedding_terms(d2_aux, aux_labels, d2_tgt, self.margin)
+        ral = reference_agent_loss(al, rj, self.beta)
+
+        log: dict[str, float] = {}
+        pending = MARPending()
+        cml = self._cml(log_y, tgt_camids, log, pending) if self.use_cml else zero
+        threshold = self.threshold.value
+        mdl, mining = zero, MiningStats(0, 0, 0)
+        mdl_taken = self.use_mdl and mdl_on
+        if mdl_taken:
+            mdl, mining = self._mdl(tgt_feat, log_y, tgt_index, tgt_pids, pending)
+
+        total = mdl + self.lambda_cml * cml + self.lambda_ral * ral
+        # Eq. 10 is linear in these: each one's gradient is its share of the total's.
+        weighted = {"mdl": mdl, "cml": self.lambda_cml * cml, "al": self.lambda_ral * al,
+                    "rj": self.lambda_ral * self.beta * rj}
+        on = {"mdl": mdl_taken, "cml": self.use_cml, "al": self.use_al, "rj": self.use_rj}
+        log.update(
+            loss=float(total.detach()),
+            al=float(al.detach()),
+            rj=float(rj.detach()),
+            ral=float(ral.detach()),
+            cml=float(cml.detach()),
+            mdl=float(mdl.detach()),
+            mined=float(mining.mined),
+            positives=float(mining.positives),
+            negatives=float(mining.negatives),
+            threshold=threshold,
+        )
+        if mining.tp_rate is not None:
+            log["tp_rate"] = mining.tp_rate
+        if mining.mined_tp_rate is not None:
+            log["mined_tp_rate"] = mining.mined_tp_rate
+        return MARTerms(total, {name: term for name, term in weighted.items() if on[name]}, log, pending)
+
+    @torch.no_grad()
+    def commit(self, pending: MARPending) -> None:
+        """Write the state one step implies (``MARTerms.pending``): the running statistics, the
+        memory rows (marked visited) and T; parts left None stay as they are."""
+        if pending.stats is not None:
+            self.stats.running_mean.copy_(pending.stats[0])
+            self.stats.running_std.copy_(pending.stats[1])
+        if pending.memory is not None:
+            index, rows = pending.memory
+            self.memory.memory[index] = rows
+            self.memory.visited[index] = True
+        if pending.threshold is not None:
+            self.threshold.threshold.copy_(pending.threshold)
+
+    @without_autocast
     def forward(
         self,
         aux_feat: Tensor,
@@ -198,7 +320,8 @@ class MARLoss(nn.Module):
         mdl_on: bool,
         tgt_pids: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """The total loss of one step and its terms.
+        """The total loss of one step and its terms: :meth:`compute`, then in training mode
+        :meth:`commit` of the state it implies.
 
         Parameters
         ----------
@@ -223,43 +346,8 @@ class MARLoss(nn.Module):
             ``cml``), and ``tp_rate`` / ``mined_tp_rate`` when ``tgt_pids`` is
             given and the set is not empty.
         """
-        aux_feat, tgt_feat = upcast(aux_feat), upcast(tgt_feat)
-        agents = upcast(agents).detach()
-        zero = tgt_feat.new_zeros(())
-
-        # The target's products with the detached agents serve both L_RJ and the multilabel.
-        tgt_products, scale = agent_products(tgt_feat, agents, tgt_logits)
-        log_y = log_soft_multilabel(scale * tgt_products)
-        al = agent_loss(aux_logits, aux_labels) if self.use_al else zero
-        rj = zero
-        if self.use_rj:
-            d2_aux = squared_distances(aux_feat, agents, agent_products(aux_feat, agents, aux_logits)[0])
-            d2_tgt = squared_distances(tgt_feat, agents, tgt_products)
-            rj = joint_embedding_terms(d2_aux, aux_labels, d2_tgt, self.margin)
-        ral = reference_agent_loss(al, rj, self.beta)
-
-        terms: dict[str, float] = {}
-        cml = self._cml(log_y, tgt_camids, terms) if self.use_cml else zero
-        threshold = self.threshold.value
-        mdl, mining = zero, MiningStats(0, 0, 0)
-        if self.use_mdl and mdl_on:
-            mdl, mining = self._mdl(tgt_feat, log_y, tgt_index, tgt_pids)
-
-        total = mdl + self.lambda_cml * cml + self.lambda_ral * ral
-        terms.update(
-            loss=float(total.detach()),
-            al=float(al.detach()),
-            rj=float(rj.detach()),
-            ral=float(ral.detach()),
-            cml=float(cml.detach()),
-            mdl=float(mdl.detach()),
-            mined=float(mining.mined),
-            positives=float(mining.positives),
-            negatives=float(mining.negatives),
-            threshold=threshold,
-        )
-        if mining.tp_rate is not None:
-            terms["tp_rate"] = mining.tp_rate
-        if mining.mined_tp_rate is not None:
-            terms["mined_tp_rate"] = mining.mined_tp_rate
-        return total, terms
+        step = self.compute(aux_feat, aux_logits, aux_labels, tgt_feat, tgt_logits, tgt_camids, tgt_index, agents,
+                            mdl_on=mdl_on, tgt_pids=tgt_pids)
+        if self.training:
+            self.commit(step.pending)
+        return step.total, step.log
