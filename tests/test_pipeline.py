@@ -441,3 +441,18 @@ def test_seed_aggregation_of_real_runs_matches_numpy(finished, trees, tmp_path):
                 values = np.array([pick(first)["metrics"][rule][key], pick(second)["metrics"][rule][key]])
                 assert summary[row][rule][key]["mean"] == pytest.approx(values.mean())
                 assert summary[row][rule][key]["std"] == pytest.approx(values.std(ddof=1))
+
+
+def test_training_fingerprint_holds_the_methods_own_sections_only():
+    from marreid.config import load_config
+    from marreid.engine.pipeline import fingerprint, training_options
+    from marreid.engine.variants import variant_config
+
+    mar = load_config(None)
+    fp = fingerprint(mar, training_options(mar))
+    # as recorded before methods existed: MAR's sections, no cc, no train.method
+    assert {"mar", "optim"} <= set(fp) and "cc" not in fp and "method" not in fp["train"]
+    cc = variant_config(mar, "cc_agreement")
+    fp_cc = fingerprint(cc, training_options(cc))
+    assert fp_cc["train"]["method"] == "cluster_contrast" and fp_cc["cc"]["agreement_weight"] == 0.3
+    assert "mar" not in fp_cc and "optim" not in fp_cc

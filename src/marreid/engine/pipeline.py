@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from marreid import __version__
-from marreid.config import Config, config_to_dict, load_config, save_config
+from marreid.config import Config, TrainConfig, config_to_dict, load_config, save_config
 from marreid.data import ReidDataset
 from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.extract import (
@@ -66,9 +66,11 @@ from marreid.engine.stages import (
 from marreid.engine.train import run_train
 from marreid.engine.variants import ABLATION, VARIANTS, parse_variants, variant_config, with_overrides
 from marreid.errors import ConfigError, TrainingError
+from marreid.methods.registry import method_class
 from marreid.metrics.rank import evaluate_features
 
 COMPARISON_RULE = "mar-release"
+DEFAULT_METHOD = TrainConfig().method
 RESULT_FILE = "result.json"
 STAGE_FILE = "stage.json"
 STAGE_LOG = "stages.jsonl"
@@ -84,7 +86,8 @@ RERANK_SETTINGS = ("ap_rule", "k1", "k2", "lambda")
 REEVALUATE = "reevaluate"
 
 PRETRAIN_OPTIONS = ("data", "model", "pretrain", "train.seed", "train.deterministic")
-MAR_OPTIONS = ("data", "model", "pretrain", "mar", "optim", "train")
+# A training stage's options are these and its method's own sections (``Method.sections``).
+TRAIN_OPTIONS = ("data", "model", "pretrain", "train")
 # How a stage runs, not what it computes: a change here neither skips nor restarts it.
 # The step caps are handled apart: raising a cap continues a capped stage.
 _RUN_ONLY = ("data.num_workers", "data.verify_images", "model.trust_checkpoint", "pretrain.max_steps",
@@ -106,7 +109,15 @@ def fingerprint(cfg: Config, options: Sequence[str]) -> dict:
     for name in _RUN_ONLY:
         section, _, key = name.partition(".")
         picked.get(section, {}).pop(key, None)
+    # The default method is left out, so stages recorded before train.method existed keep their fingerprint.
+    if picked.get("train", {}).get("method") == DEFAULT_METHOD:
+        del picked["train"]["method"]
     return picked
+
+
+def training_options(cfg: Config) -> tuple[str, ...]:
+    """The options a training stage's outcome depends on: ``TRAIN_OPTIONS`` and its method's sections."""
+    return TRAIN_OPTIONS + method_class(cfg.train.method).sections
 
 
 def evaluation_rules(cfg: Config) -> list[str]:
@@ -345,7 +356,9 @@ class Pipeline:
         cfg = with_overrides(self.variant_configs[name], {"output.run_dir": str(folder),
                                                           "train.pretrained_checkpoint": pretrained["checkpoint"]})
         # A given checkpoint is the whole upstream: the pretrain options did not make it.
-        options = MAR_OPTIONS if pretrained["status"] != "given" else tuple(o for o in MAR_OPTIONS if o != "pretrain")
+        options = training_options(cfg)
+        if pretrained["status"] == "given":
+            options = tuple(o for o in options if o != "pretrain")
         # A change of evaluation options alone re-evaluates the trained model without retraining it.
         train_fp = {"pretrained": _upstream(pretrained), **fingerprint(cfg, options)}
         fp = {**train_fp, **fingerprint(cfg, ("eval",))}
