@@ -37,11 +37,13 @@ def test_rows_are_the_validation_split_clustered_per_weight(checkpoint, tmp_path
     train, validation = split_identities(target.train, 0.5, cfg.train.seed)
     assert {s.pid for s in train}.isdisjoint({s.pid for s in validation})
     model = model_from_checkpoint(load_checkpoint(checkpoint), str(checkpoint), cfg)
-    feats, logits = model_outputs(model, validation, eval_transform(cfg), 64, 0, "cpu")
-    expected = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(),
-                                        [s.pid for s in validation], [0.0, 0.2], k1=4, k2=2, eps=cfg.cc.eps,
-                                        min_samples=2)
+    feats, logits = model_outputs(model, target.train, eval_transform(cfg), 64, 0, "cpu")
+    index = [i for i, s in enumerate(target.train) if s in validation]
+    expected = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(), index,
+                                        [target.train[i].pid for i in index], [0.0, 0.2], k1=4, k2=2,
+                                        eps=cfg.cc.eps, min_samples=2)
     assert report["images"] == len(validation) and report["identities"] == 5
+    assert report["clustered_images"] == len(target.train)
     assert [r["weight"] for r in report["rows"]] == [0.0, 0.2]
     for got, want in zip(report["rows"], expected):
         for key in ("pair_precision", "pair_recall", "pair_f", "ari", "clusters", "outlier_share"):

@@ -27,7 +27,9 @@ def mixed_identities(seed: int = 1, per: int = 12, dim: int = 8, agents: int = 6
 
 def test_the_agreement_term_helps_and_is_picked():
     features, multilabels, pids = mixed_identities()
-    rows = validate_cluster_weights(features, multilabels, pids, [0.0, 0.2, 0.35], k1=6, k2=1, min_samples=4)
+    everything = np.arange(len(pids))
+    rows = validate_cluster_weights(features, multilabels, everything, pids, [0.0, 0.2, 0.35], k1=6, k2=1,
+                                    min_samples=4)
     assert [row["weight"] for row in rows] == [0.0, 0.2, 0.35]
     assert set(rows[0]) == {"weight", *clustering_scores(np.zeros(1), np.zeros(1))}
     scores = [row["pair_f"] for row in rows]
@@ -50,4 +52,24 @@ def test_pick_weight_takes_the_smallest_weight_on_a_tie_and_other_keys():
 def test_no_weight_is_an_error():
     features, multilabels, pids = mixed_identities()
     with pytest.raises(ConfigError, match="no blend weight"):
-        validate_cluster_weights(features, multilabels, pids, [])
+        validate_cluster_weights(features, multilabels, np.arange(len(pids)), pids, [])
+
+
+def test_only_the_held_out_rows_are_scored_but_all_rows_are_clustered():
+    features, multilabels, pids = mixed_identities()
+    held_out = np.flatnonzero(np.isin(pids, [0, 2]))
+    rows = validate_cluster_weights(features, multilabels, held_out, pids[held_out], [0.0, 0.35], k1=6, k2=1,
+                                    min_samples=4)
+    # by hand: the same clusterings of all rows, scored on the held-out rows
+    from marreid.metrics.cluster import blended_distance, pseudo_labels
+    from marreid.metrics.rerank import k_reciprocal_jaccard
+
+    jaccard = k_reciprocal_jaccard(features, 6, 1)
+    for row, weight in zip(rows, (0.0, 0.35)):
+        labels = pseudo_labels(blended_distance(jaccard, multilabels, weight) if weight else jaccard, 0.6, 4)
+        expected = clustering_scores(labels[held_out], pids[held_out])
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value), key
+    # identity 0 shares its feature centre with 1, which is not held out: without the agreement the
+    # held-out pairs still look fine (0 and 2 are apart), so recall is what the blend changes
+    assert rows[0]["identities"] == 2

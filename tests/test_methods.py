@@ -118,7 +118,7 @@ def test_registry_names_its_classes_and_refuses_unknown_names():
     for name in METHODS:
         assert method_class(name).name == name
         assert all(hasattr(load_config(None), section) for section in method_class(name).sections)
-    assert (MARMethod.sections, ClusterContrast.sections) == (("mar", "optim"), ("cc",))
+    assert (MARMethod.sections, ClusterContrast.sections) == (("mar", "optim"), ("cc", "mar"))
     with pytest.raises(ConfigError) as info:
         method_class("dbscan_magic")
     assert str(info.value) == "train.method: unknown method 'dbscan_magic'; known: mar, cluster_contrast"

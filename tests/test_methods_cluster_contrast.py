@@ -242,3 +242,77 @@ def test_cc_defaults_and_the_hybrid_needs_pretrained_agents():
     assert (cfg.cc.batch_size, cfg.cc.instances, cfg.cc.iters_per_epoch, cfg.cc.epochs) == (64, 4, 200, 8)
     assert (cfg.cc.k1, cfg.cc.k2, cfg.cc.eps, cfg.cc.min_samples, cfg.cc.temperature) == (30, 6, 0.6, 4, 0.05)
     assert (cfg.cc.lr, cfg.cc.weight_decay, cfg.cc.momentum, cfg.cc.agreement_weight) == (3.5e-4, 5e-4, 0.1, 0.0)
+
+
+def hand_cml(log_y: torch.Tensor, camids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, momentum: float):
+    """L_CML by loops (supplementary Eq. 2, release order): per camera with >= 2 images its mean and
+    unbiased std of log y, the running mu / sigma moved toward their averages, then the shares."""
+    means, stds = [], []
+    for cam in sorted(set(camids.tolist())):
+        rows = log_y[camids == cam].double()
+        if len(rows) < 2:
+            continue
+        means.append(rows.mean(0))
+        stds.append(rows.std(0, unbiased=True).clamp_min(1e-6))
+    mu = (1 - momentum) * mean.double() + momentum * torch.stack(means).mean(0)
+    sigma = (1 - momentum) * std.double() + momentum * torch.stack(stds).mean(0)
+    total = sum(((m - mu) ** 2).sum() + ((s - sigma) ** 2).sum() for m, s in zip(means, stds)) / (2 * len(means))
+    return total, mu, sigma
+
+
+def test_the_cml_hybrid_adds_lambda1_cml_against_moved_statistics(trees, pretrained, tmp_path):
+    from marreid.losses.multilabel import log_soft_multilabel
+    from marreid.methods.base import StepOutputs
+
+    cfg = config(trees, pretrained, tmp_path, "cc.cml=true", "mar.lambda_cml=0.01", "mar.stats_momentum=0.2")
+    run = fresh(cfg)
+    method = run.method
+    # fresh_start: mu / sigma from one pass over every target training image
+    _, logits, camids = run.target_pass()
+    expected = type(method.stats)(logits.shape[1])
+    expected.initialize(log_soft_multilabel(logits.float()), camids)
+    torch.testing.assert_close(method.stats.running_mean, expected.running_mean)
+    torch.testing.assert_close(method.stats.running_std, expected.running_std)
+
+    method.epoch_start(0, run)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(run.target.train), generator=generator)[:8]
+    feat = torch.nn.functional.normalize(torch.randn(8, run.model.feat_dim, generator=generator), dim=1)
+    outputs = StepOutputs(tgt_feat=feat, tgt_logits=30.0 * feat @ run.model.agent_matrix().detach().T,
+                          tgt_camids=camids[index], tgt_index=index, agents=run.model.agent_matrix())
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    terms = method.terms(outputs, 0)
+    for key, value in method.state_dict().items():
+        assert torch.equal(value, before[key]), f"terms changed {key}"
+
+    cml, mu, sigma = hand_cml(log_soft_multilabel(outputs.tgt_logits), outputs.tgt_camids,
+                              method.stats.running_mean, method.stats.running_std, 0.2)
+    contrast = cluster_nce_by_hand(feat, method.labels[index], method.memory.centres, cfg.cc.temperature)
+    assert terms.log["cml"] == pytest.approx(float(cml), rel=1e-5)
+    assert float(terms.total) == pytest.approx(float(contrast + 0.01 * cml), rel=1e-5)
+    assert set(terms.weighted) == {"contrast", "cml"} == method.active_terms(0)
+    method.update_state(outputs, terms)
+    torch.testing.assert_close(method.stats.running_mean.double(), mu)
+    torch.testing.assert_close(method.stats.running_std.double(), sigma)
+
+
+def cluster_nce_by_hand(feat, labels, centres, temperature):
+    total = 0.0
+    for f, y in zip(feat.double(), labels.tolist()):
+        logits = centres.double() @ f / temperature
+        total += -(logits[y] - torch.logsumexp(logits, 0))
+    return total / len(feat)
+
+
+def test_the_cml_hybrid_resumes_with_its_statistics(trees, pretrained, tmp_path):
+    cfg = config(trees, pretrained, tmp_path, "cc.cml=true", "train.max_steps=4")
+    first = fresh(cfg)
+    assert first.fit() == "max_steps"
+    saved = load_checkpoint(tmp_path / "last.pt")["loss"]
+    assert {"stats.running_mean", "stats.running_std", "stats.initialized"} <= set(saved)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=None))
+    second = trainer(cfg)
+    second.resume()
+    for name, value in first.method.state_dict().items():
+        assert torch.equal(value, second.method.state_dict()[name]), name
+    assert second.fit() == "done"

@@ -452,7 +452,7 @@ def test_training_fingerprint_holds_the_methods_own_sections_only():
     fp = fingerprint(mar, training_options(mar))
     # as recorded before methods existed: MAR's sections, no cc, no train.method
     assert {"mar", "optim"} <= set(fp) and "cc" not in fp and "method" not in fp["train"]
-    cc = variant_config(mar, "cc_agreement")
+    cc = variant_config(mar, "cc_cml")
     fp_cc = fingerprint(cc, training_options(cc))
-    assert fp_cc["train"]["method"] == "cluster_contrast" and fp_cc["cc"]["agreement_weight"] == 0.3
-    assert "mar" not in fp_cc and "optim" not in fp_cc
+    assert fp_cc["train"]["method"] == "cluster_contrast" and fp_cc["cc"]["cml"] is True
+    assert "optim" not in fp_cc

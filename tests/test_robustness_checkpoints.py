@@ -206,13 +206,20 @@ def test_too_little_free_space_is_refused_before_training(data, tmp_path, capsys
     assert not (tmp_path / "last.pt").exists() and not read_log(tmp_path / "log.jsonl", "step")
 
 
-def test_checkpoint_estimate_bounds_the_real_file(data, tmp_path, capsys, monkeypatch):
+# SGD keeps one buffer per parameter, cluster contrast's Adam two
+CLUSTER_CONTRAST = ("--set", "train.method=cluster_contrast", "--set", "train.bn_batch=null", "--set", "cc.epochs=1",
+                    "--set", "cc.iters_per_epoch=2", "--set", "cc.batch_size=4", "--set", "cc.instances=2",
+                    "--set", "cc.k1=4", "--set", "cc.k2=2", "--set", "cc.min_samples=2", "--set", "cc.eps=0.9")
+
+
+@pytest.mark.parametrize("method", [(), CLUSTER_CONTRAST], ids=["mar", "cluster_contrast"])
+def test_checkpoint_estimate_bounds_the_real_file(data, tmp_path, capsys, monkeypatch, method):
     estimates = []
     check = preflight.check_free_space
     monkeypatch.setattr(preflight, "check_free_space", lambda run_dir, need, key: estimates.append(need) or check(
         run_dir, need, key))
-    assert cli(capsys, *train_args(data, tmp_path))[0] == 0
-    size = (tmp_path / "last.pt").stat().st_size  # holds the momentum buffers by now
+    assert cli(capsys, *train_args(data, tmp_path, *method))[0] == 0
+    size = (tmp_path / "last.pt").stat().st_size  # holds the optimiser's buffers by now
     (need,) = estimates
     assert size <= need <= 2 * size + preflight.SIZE_SLACK
 
@@ -295,3 +302,15 @@ def test_partial_checkpoints_are_removed_when_a_run_starts(finished, capsys):
     partial.write_bytes(b"half a checkpoint")
     assert cli(capsys, "train", "--run-dir", finished, "--resume")[0] == 0
     assert not partial.exists() and load_checkpoint(finished / "last.pt")["step"] == STEPS
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: torch.optim.Adam(ps, lr=0.1)], ids=["sgd", "adam"])
+def test_checkpoint_estimate_counts_the_optimisers_buffers(make):
+    model = torch.nn.Linear(300, 200)
+    optimizer = make(model.parameters())
+    before = preflight.checkpoint_estimate({"model": model.state_dict()}, model, preflight.optimizer_buffers(optimizer))
+    model(torch.ones(2, 300)).sum().backward()
+    optimizer.step()
+    after = preflight.state_bytes({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    assert after <= before - preflight.SIZE_SLACK <= 1.1 * after

@@ -143,7 +143,10 @@ class ClusterContrastConfig:
     set is read at all. ``agreement_weight`` w > 0 is the hybrid: DBSCAN clusters
     (1 - w) d_J + w (1 - A), A MAR's soft multilabel agreement over the model's reference
     agents (kept fixed; they need ``init=pretrained``); w < 1 - eps (see
-    ``metrics.cluster.blend_cutoff``). 0 is pure cluster contrast.
+    ``metrics.cluster.blend_cutoff``). 0 is pure cluster contrast. ``cml`` is the other
+    hybrid: MAR's camera-alignment term added to the loss, L = L_contrast + lambda1 L_CML,
+    with the ``mar`` section's ``lambda_cml`` and ``stats_momentum`` (its running statistics
+    initialised by one pass over the target, as MAR's), over the same fixed agents.
     """
 
     init: str = "pretrained"
@@ -162,6 +165,7 @@ class ClusterContrastConfig:
     milestones: list[float] = field(default_factory=lambda: [0.4, 0.8])
     gamma: float = 0.1
     agreement_weight: float = 0.0
+    cml: bool = False
 
 
 @dataclass
@@ -408,8 +412,8 @@ def _validate_cc(cc: ClusterContrastConfig) -> None:
     if not 0.0 <= cc.agreement_weight < 1.0 - cc.eps:
         raise ConfigError(f"cc.agreement_weight: must be in [0, 1 - cc.eps) = [0, {1.0 - cc.eps:.6g}), got "
                           f"{cc.agreement_weight!r} (at 1 - eps every pair of images could become a DBSCAN edge)")
-    if cc.agreement_weight > 0 and cc.init != "pretrained":
-        raise ConfigError("cc.agreement_weight > 0 needs the reference agents of a pretrain checkpoint: "
+    if (cc.agreement_weight > 0 or cc.cml) and cc.init != "pretrained":
+        raise ConfigError("cc.agreement_weight > 0 and cc.cml need the reference agents of a pretrain checkpoint: "
                           "set cc.init=pretrained")
 
 

@@ -1,9 +1,13 @@
 """Choosing the hybrid's blend weight w on held-out target training identities.
 
-For each candidate w the validation images are clustered as the hybrid clusters the target
+For each candidate w the *whole* target training set is clustered as the hybrid clusters it
 each epoch, with DBSCAN on d = (1 - w) d_J + w (1 - A) (``metrics.cluster.blended_distance``),
-and the clustering is scored against their identities. The identities come from a split of
-the target *training* set (``data.split.split_identities``), never from the test set.
+and the clustering is scored on the held-out images only, against their identities. The
+held-out identities come from a split of the target *training* set
+(``data.split.split_identities``), never from the test set. Clustering the held-out images
+alone would be cheaper but misleading: DBSCAN's neighbourhoods depend on how many other
+people surround an image, and on Market-1501 a weight that helped a fifth of the training
+set clustered alone merged the whole set into one giant cluster.
 """
 
 from __future__ import annotations
@@ -13,33 +17,42 @@ from collections.abc import Sequence
 import numpy as np
 
 from marreid.errors import ConfigError
-from marreid.metrics.cluster import blended_distance, clustering_scores, pseudo_labels
+from marreid.metrics.cluster import blend_cutoff, blended_distance, clustering_scores, pseudo_labels
 from marreid.metrics.rerank import k_reciprocal_jaccard
 
 
 def validate_cluster_weights(
     features: np.ndarray,
     multilabels: np.ndarray,
-    truth_pids: np.ndarray,
+    validation: np.ndarray,
+    validation_pids: np.ndarray,
     weights: Sequence[float],
     k1: int = 30,
     k2: int = 6,
     eps: float = 0.6,
     min_samples: int = 4,
 ) -> list[dict]:
-    """One row per weight: ``clustering_scores`` of the blended-distance DBSCAN, plus ``weight``.
+    """One row per weight: ``clustering_scores`` of the held-out rows in the blended-distance
+    DBSCAN of all rows, plus ``weight``.
 
-    The Jaccard distance (k1, k2) is computed once, densely (the validation set is a fraction
-    of the target's training images), and blended for each weight; every weight must be in
-    [0, 1 - eps] (``blended_distance``).
+    ``validation`` indexes the held-out rows of ``features`` / ``multilabels`` and
+    ``validation_pids`` are their identities (the only labels read). The Jaccard distance
+    (k1, k2) is computed once, sparse, holding the pairs that can be edges for the largest
+    weight (``blend_cutoff``), and blended for each weight; every weight must be in
+    [0, 1 - eps).
     """
     if not weights:
         raise ConfigError("no blend weight to validate")
-    jaccard = k_reciprocal_jaccard(features, k1, k2)
+    validation = np.asarray(validation, dtype=np.int64)
+    if len(validation) != len(validation_pids):
+        raise ConfigError(f"{len(validation)} validation rows but {len(validation_pids)} identities")
+    cutoff = max(blend_cutoff(w, eps) for w in weights)
+    jaccard = k_reciprocal_jaccard(features, k1, k2, max_distance=cutoff)
     rows = []
     for weight in weights:
-        labels = pseudo_labels(blended_distance(jaccard, multilabels, weight, eps=eps), eps, min_samples)
-        rows.append({"weight": float(weight), **clustering_scores(labels, truth_pids)})
+        distance = blended_distance(jaccard, multilabels, weight, eps=eps) if weight > 0 else jaccard
+        labels = pseudo_labels(distance, eps, min_samples)
+        rows.append({"weight": float(weight), **clustering_scores(labels[validation], np.asarray(validation_pids))})
     return rows
 
 

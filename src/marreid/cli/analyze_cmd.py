@@ -91,11 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cw = sub.add_parser(
         "cluster-weights",
         help="choose the hybrid's agreement weight on held-out target training identities",
-        description="Splits the target's training identities (a seeded --fraction of them, train.seed) and "
-                    "clusters those validation images as the cluster-contrast hybrid does each epoch: DBSCAN on "
+        description="Splits the target's training identities (a seeded --fraction of them, train.seed), "
+                    "clusters all the target's training images as the cluster-contrast hybrid does each epoch, "
+                    "and scores the clustering on the held-out images only: DBSCAN on "
                     "(1 - w) d_J + w (1 - A), A MAR's soft-multilabel agreement over the checkpoint's reference "
                     "agents, with the cc section's k1, k2, eps and min_samples. Each weight's clustering is "
-                    "scored against the identities of the file names (pair precision / recall / F, ARI, NMI); "
+                    "scored against the held-out identities of the file names (pair precision / recall / F, ARI, "
+                    "NMI); "
                     "the test split is never read. Prints the table and the weight with the best pair F, and "
                     "writes cluster_weights.json to --out (default: the checkpoint's folder).",
     )
@@ -214,6 +216,8 @@ def _write_report(out: Path, name: str, data: dict) -> Path:
 
 
 def run_cluster_weights(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from marreid.analysis.clusterval import pick_weight, validate_cluster_weights
     from marreid.data.split import split_identities
     from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, model_outputs, resolve_device
@@ -232,15 +236,17 @@ def run_cluster_weights(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(state, args.checkpoint, cfg).to(device)
     target = load_target(cfg)
     _, validation = split_identities(target.train, args.fraction, cfg.train.seed)
-    feats, logits = model_outputs(model, validation, eval_transform(cfg), cfg.eval.batch_size,
+    held_out = {id(s) for s in validation}
+    index = np.array([i for i, s in enumerate(target.train) if id(s) in held_out], dtype=np.int64)
+    pids = np.array([target.train[i].pid for i in index])
+    feats, logits = model_outputs(model, target.train, eval_transform(cfg), cfg.eval.batch_size,
                                   cfg.data.num_workers, device)
-    pids = [s.pid for s in validation]
     cc = cfg.cc
-    rows = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(), pids, args.weights,
-                                    k1=cc.k1, k2=cc.k2, eps=cc.eps, min_samples=cc.min_samples)
+    rows = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(), index, pids,
+                                    args.weights, k1=cc.k1, k2=cc.k2, eps=cc.eps, min_samples=cc.min_samples)
     best = pick_weight(rows)
-    print(f"{len(validation)} validation images of {len(set(pids))} held-out target training identities "
-          f"(fraction {args.fraction}, seed {cfg.train.seed})")
+    print(f"all {len(target.train)} target training images clustered; scored on the {len(index)} images of "
+          f"{len(set(pids.tolist()))} held-out identities (fraction {args.fraction}, seed {cfg.train.seed})")
     print(f"{'weight':>7} {'pair P':>7} {'pair R':>7} {'pair F':>7} {'ARI':>6} {'NMI':>6} {'clusters':>8} {'outliers':>8}")
     for row in rows:
         print(f"{row['weight']:>7.3g} {row['pair_precision']:>7.3f} {row['pair_recall']:>7.3f} {row['pair_f']:>7.3f} "
@@ -248,7 +254,7 @@ def run_cluster_weights(args: argparse.Namespace) -> int:
     print(f"best pair F at weight {best:g}: set cc.agreement_weight={best:g}")
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.checkpoint), "fraction": args.fraction, "seed": cfg.train.seed,
-              "images": len(validation), "identities": len(set(pids)), "k1": cc.k1, "k2": cc.k2, "eps": cc.eps,
+              "clustered_images": len(target.train), "images": len(index), "identities": len(set(pids.tolist())), "k1": cc.k1, "k2": cc.k2, "eps": cc.eps,
               "min_samples": cc.min_samples, "rows": rows, "best_weight": best}
     path = out / "cluster_weights.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -226,11 +226,19 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
-def checkpoint_estimate(state: dict, model: torch.nn.Module) -> int:
-    """Bytes a checkpoint of ``state`` will take once SGD's momentum exists (one buffer per
-    trainable parameter), with a margin for what is not a tensor."""
-    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return int(SIZE_MARGIN * (state_bytes(state) + momentum)) + SIZE_SLACK
+def optimizer_buffers(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors of a trainable parameter's size the optimiser keeps once it has stepped: SGD one
+    (momentum), Adam and AdamW two (the moments); any other optimiser is counted as two."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return 1
+    return 2
+
+
+def checkpoint_estimate(state: dict, model: torch.nn.Module, buffers: int = 1) -> int:
+    """Bytes a checkpoint of ``state`` will take once the optimiser's state exists (``buffers``
+    tensors per trainable parameter: ``optimizer_buffers``), with a margin for what is not a tensor."""
+    per_buffer = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int(SIZE_MARGIN * (state_bytes(state) + buffers * per_buffer)) + SIZE_SLACK
 
 
 def check_free_space(run_dir: Path, need: int, key: str) -> None:
@@ -248,7 +256,7 @@ def check_free_space(run_dir: Path, need: int, key: str) -> None:
 def check_checkpoint_space(trainer: Any, key: str) -> None:
     """``check_free_space`` for a built trainer's checkpoints: ``last.pt``, plus one per epoch
     when it keeps them (``keep_epoch_checkpoints``)."""
-    size = checkpoint_estimate(trainer.state_dict(), trainer.model)
+    size = checkpoint_estimate(trainer.state_dict(), trainer.model, optimizer_buffers(trainer.optimizer))
     copies = 1 + (trainer.epochs if trainer.keep_epoch_checkpoints else 0)
     check_free_space(trainer.run_dir, size * copies, key)
 
@@ -268,5 +276,5 @@ def check_input_size(state: dict, cfg: Config, path: Path | str) -> None:
 
 
 __all__ = ["ImageScreen", "load_checked_target", "check_target_cameras", "check_evaluable", "check_target",
-           "prepare_run_dir", "lock_run_dir", "LOCK_FILE", "partial_checkpoints", "state_bytes", "checkpoint_estimate",
+           "prepare_run_dir", "lock_run_dir", "LOCK_FILE", "partial_checkpoints", "state_bytes", "checkpoint_estimate", "optimizer_buffers",
            "check_free_space", "check_checkpoint_space", "check_input_size"]

@@ -164,3 +164,18 @@ class LogMultilabelStats(nn.Module):
             return
         self.running_mean.mul_(1.0 - momentum).add_(momentum * means.detach().mean(0).to(self.running_mean.dtype))
         self.running_std.mul_(1.0 - momentum).add_(momentum * stds.detach().mean(0).to(self.running_std.dtype))
+
+    def moved_toward(self, means: Tensor, stds: Tensor, momentum: float = 0.0368) -> tuple[Tensor, Tensor]:
+        """The (mu, sigma) ``update_from_cameras`` would leave, as new tensors; the buffers stay as
+        they are (a method computes its terms against them and commits them after the step)."""
+        mean, std = self.running_mean, self.running_std
+        if len(means) == 0:
+            return mean.clone(), std.clone()
+        return (mean.mul(1.0 - momentum).add(momentum * means.detach().mean(0).to(mean.dtype)),
+                std.mul(1.0 - momentum).add(momentum * stds.detach().mean(0).to(std.dtype)))
+
+    @torch.no_grad()
+    def set(self, mean: Tensor, std: Tensor) -> None:
+        """Commit values from ``moved_toward``."""
+        self.running_mean.copy_(mean)
+        self.running_std.copy_(std)

@@ -172,10 +172,7 @@ class MARLoss(nn.Module):
         cams, means, stds = per_camera_stats(log_y, camids)
         mean, std = self.stats.running_mean, self.stats.running_std
         if self.training and len(means):
-            # LogMultilabelStats.update_from_cameras's arithmetic, out of place
-            m = self.stats_momentum
-            mean = mean.mul(1.0 - m).add(m * means.detach().mean(0).to(mean.dtype))
-            std = std.mul(1.0 - m).add(m * stds.detach().mean(0).to(std.dtype))
+            mean, std = self.stats.moved_toward(means, stds, self.stats_momentum)
             pending.stats = (mean, std)
         shares = camera_shares(means, stds, mean, std)
         log.update({f"cml_cam{int(c)}": float(s) for c, s in zip(cams, shares.detach())})
@@ -296,8 +293,7 @@ class MARLoss(nn.Module):
         """Write the state one step implies (``MARTerms.pending``): the running statistics, the
         memory rows (marked visited) and T; parts left None stay as they are."""
         if pending.stats is not None:
-            self.stats.running_mean.copy_(pending.stats[0])
-            self.stats.running_std.copy_(pending.stats[1])
+            self.stats.set(*pending.stats)
         if pending.memory is not None:
             index, rows = pending.memory
             self.memory.memory[index] = rows

@@ -1,5 +1,5 @@
 """Cluster contrast (Dai et al., "Cluster Contrast for Unsupervised Person Re-Identification", 2021)
-as a method, and its MAR hybrid (``cc.agreement_weight`` > 0).
+as a method, and its MAR hybrids (``cc.agreement_weight`` > 0, ``cc.cml``).
 
 Each epoch starts with a clustering of the target training set: features of every
 image (test transform, eval mode), the k-reciprocal Jaccard distance, DBSCAN with
@@ -11,6 +11,10 @@ then moves the batch's centres toward its features. No auxiliary data is read.
 The hybrid clusters (1 - w) d_J + w (1 - A) instead (``metrics.cluster.blended_distance``),
 A MAR's soft multilabel agreement over the model's reference agents: the pretrained
 agent rows, kept fixed (they get no gradient here), against the same pass's features.
+With ``cc.cml`` the loss adds MAR's camera alignment, lambda1 L_CML (Eq. 5) of the
+batch's soft multilabels against running statistics initialised over the target and
+moved toward each batch's before the term is taken (MAR's release order), with the
+``mar`` section's lambda_cml and stats_momentum.
 
 The clustering is state (pseudo labels, memory, the epoch it was made for), so a run
 resumed mid-epoch continues with the labels it had and clusters again only at the
@@ -38,8 +42,9 @@ from marreid.engine.distributed import broadcast_state
 from marreid.engine.preflight import check_evaluable
 from marreid.engine.pretrain import train_transform
 from marreid.errors import CheckpointError, TrainingError
+from marreid.losses.cml import LogMultilabelStats, camera_shares, per_camera_stats
 from marreid.losses.contrast import cluster_nce
-from marreid.losses.multilabel import soft_multilabel
+from marreid.losses.multilabel import log_soft_multilabel, soft_multilabel
 from marreid.methods.base import BatchShape, Method, StepOutputs, Terms, TrainContext
 from marreid.methods.cluster_memory import ClusterMemory
 from marreid.metrics.cluster import blend_cutoff, blended_distance, cluster_centres, clustering_scores, pseudo_labels
@@ -63,9 +68,10 @@ class ClusterContrast(Method):
     """Cluster contrast on the target alone, configured by the ``cc`` section."""
 
     name = "cluster_contrast"
-    term_names = ("loss", "contrast")
-    target_terms = frozenset({"contrast"})
-    sections = ("cc",)
+    term_names = ("loss", "contrast", "cml")
+    target_terms = frozenset({"contrast", "cml"})
+    # mar: the hybrid's lambda_cml and stats_momentum
+    sections = ("cc", "mar")
 
     @classmethod
     def needs_auxiliary(cls, cfg: Config) -> bool:
@@ -103,6 +109,8 @@ class ClusterContrast(Method):
                             world_size=context.ranks.world_size)
         self._batches: PseudoLabelBatches | None = None
         self._batches_of = NOT_PREPARED  # the epoch whose labels _batches holds
+        self.stats = LogMultilabelStats(context.model.num_agents) if c.cml else None
+        self.lambda_cml, self.stats_momentum = cfg.mar.lambda_cml, cfg.mar.stats_momentum
 
     @property
     def steps_per_epoch(self) -> int:
@@ -126,6 +134,14 @@ class ClusterContrast(Method):
                                      weight_decay=c.weight_decay)
         milestones = resolve_milestones(c.milestones, c.epochs, "cc.milestones")
         return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, c.gamma)
+
+    @torch.no_grad()
+    def fresh_start(self, context: TrainContext) -> None:
+        """With ``cc.cml``: L_CML's mu / sigma from one pass over the target (MAR's ``init_pass: all``)."""
+        if self.stats is not None:
+            _, logits, camids = context.target_pass(desc="initialise L_CML's statistics")
+            self.stats.initialize(log_soft_multilabel(logits.float()), camids)
+            broadcast_state(self)
 
     def epoch_start(self, epoch: int, context: TrainContext) -> None:
         """Cluster for ``epoch`` unless its clustering is already in the state (a mid-epoch resume)."""
@@ -173,18 +189,38 @@ class ClusterContrast(Method):
         broadcast_state(self)
 
     def active_terms(self, epoch: int) -> frozenset[str]:
-        return frozenset({"contrast"})
+        return frozenset({"contrast", "cml"} if self.stats is not None else {"contrast"})
 
     def terms(self, outputs: StepOutputs, epoch: int) -> Terms:
-        """InfoNCE of the batch's features against the cluster memory at ``cc.temperature``."""
-        loss = cluster_nce(outputs.tgt_feat, self.labels[outputs.tgt_index], self.memory.centres,
-                           self.cc.temperature)
-        value = float(loss.detach())
-        return Terms(loss, {"contrast": loss}, {"loss": value, "contrast": value}, self.term_names)
+        """InfoNCE of the batch's features against the cluster memory at ``cc.temperature``, plus
+        lambda1 L_CML with ``cc.cml`` (against the statistics moved toward this batch's, which
+        ``pending`` carries to ``update_state``)."""
+        contrast = cluster_nce(outputs.tgt_feat, self.labels[outputs.tgt_index], self.memory.centres,
+                               self.cc.temperature)
+        weighted = {"contrast": contrast}
+        log = {"contrast": float(contrast.detach())}
+        pending = None
+        if self.stats is not None:
+            if not bool(self.stats.initialized):
+                raise TrainingError("cc.cml: L_CML's running mu / sigma are unset (fresh_start did not run)")
+            # the agents are fixed, so the model's logits are Eq. 1's argument with no agent gradient
+            cams, means, stds = per_camera_stats(log_soft_multilabel(outputs.tgt_logits.float()), outputs.tgt_camids)
+            pending = self.stats.moved_toward(means, stds, self.stats_momentum)
+            shares = camera_shares(means, stds, *pending)
+            cml = shares.sum()
+            weighted["cml"] = self.lambda_cml * cml
+            log["cml"] = float(cml.detach())
+            log.update({f"cml_cam{int(c)}": float(v) for c, v in zip(cams, shares.detach())})
+        total = sum(weighted.values())
+        log["loss"] = float(total.detach())
+        return Terms(total, weighted, log, self.term_names, pending)
 
     def update_state(self, outputs: StepOutputs, terms: Terms) -> None:
-        """Each feature moves its cluster's centre (momentum ``cc.momentum``), in batch order."""
+        """Each feature moves its cluster's centre (momentum ``cc.momentum``), in batch order; with
+        ``cc.cml`` the running statistics take the values the terms were taken against."""
         self.memory.update(outputs.tgt_feat.detach(), self.labels[outputs.tgt_index])
+        if terms.pending is not None:
+            self.stats.set(*terms.pending)
 
 
 __all__ = ["ClusterContrast", "pretrained_agents"]
