@@ -159,6 +159,7 @@ def test_clustering_equals_an_independent_dense_computation(trees, pretrained, t
     torch.testing.assert_close(run.method.memory.centres, cluster_centres(features, want))
     (record,) = read_log(tmp_path / "log.jsonl", "cluster")
     assert record["clusters"] == want.max() + 1 and record["outlier_share"] == pytest.approx(float((want < 0).mean()))
+    assert all(record[key] > 0 for key in ("features_s", "distance_s", "dbscan_s"))  # the clustering's cost, logged
     for key, value in clustering_scores(want, pids).items():  # diagnostics: the names' identities
         assert record[key] == pytest.approx(value), key
     run.epoch_start(0)  # prepared already: nothing is clustered again

@@ -25,6 +25,7 @@ scores against them (``metrics.cluster.clustering_scores``; never read by traini
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,15 +154,19 @@ class ClusterContrast(Method):
         """Pseudo labels of the target training images for ``epoch`` and the memory's centroids;
         returns the labels (-1: outlier) and logs a ``cluster`` record."""
         c = self.cc
+        clock = [time.perf_counter()]
         feat, logits, _ = context.target_pass(desc=f"cluster for epoch {epoch + 1}")
         features = feat.float().cpu().numpy()
+        clock.append(time.perf_counter())
         w = c.agreement_weight
         # Sparse: only the pairs that can be DBSCAN edges, before or after the blend.
         distance = k_reciprocal_jaccard(features, c.k1, c.k2, max_distance=blend_cutoff(w, c.eps) if w > 0 else c.eps)
         if w > 0:
             multilabels = soft_multilabel(logits.float()).cpu().numpy()
             distance = blended_distance(distance, multilabels, w, eps=c.eps)
+        clock.append(time.perf_counter())
         labels = pseudo_labels(distance, c.eps, c.min_samples)
+        clock.append(time.perf_counter())
         if labels.max(initial=-1) < 0:
             raise TrainingError(f"the clustering for epoch {epoch + 1} found no cluster (every target image an "
                                 f"outlier at cc.eps={c.eps}, cc.min_samples={c.min_samples}): raise cc.eps or lower "
@@ -171,8 +176,10 @@ class ClusterContrast(Method):
         self.prepared_epoch.fill_(epoch)
         self._share_from_rank_zero(context)
         labels = self.labels.cpu().numpy()
+        seconds = np.diff(clock)
         record: dict[str, Any] = {"epoch": epoch, "clusters": self.memory.num_clusters,
-                                  "outlier_share": float((labels < 0).mean())}
+                                  "outlier_share": float((labels < 0).mean()), "features_s": float(seconds[0]),
+                                  "distance_s": float(seconds[1]), "dbscan_s": float(seconds[2])}
         if context.diagnostics:  # against the names' identities: logged, never used
             record.update(clustering_scores(labels, self._identities))
         context.logger.log("cluster", record, step=epoch * self.steps_per_epoch)
