@@ -33,7 +33,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
                          "cluster contrast (Dai et al. 2021)"),
     # MAR's camera alignment added to the cluster loss, with the mar section's lambda_cml: no value of
     # its own to choose. (The other hybrid, cc.agreement_weight, lost to w = 0 on held-out target
-    # training identities: results/cpu_cuhk03_market/methods/cluster_weights.json.)
+    # training identities: results/cpu_cuhk03_market/methods/cluster_weights_full.json.)
     "cc_cml": ({"train.method": "cluster_contrast", "train.bn_batch": None, "cc.cml": True},
                "hybrid: cluster contrast + MAR's L_CML"),
 }
