@@ -4,8 +4,10 @@ The two ranks are started with torch.multiprocessing's spawn and find each other
 through torchrun's environment variables on a free localhost port. One spawn
 serves every check: the ranks train two steps of MAR (tiny backbone, L_MDL on from
 the first step) twice, with the joint forward pass and synchronised BatchNorm and with
-the per-domain forward pass in BatchNorm batches of 2, and also run a few collectives
-whose results are compared here with plain one-process computations.
+the per-domain forward pass in BatchNorm batches of 2, then three steps of cluster
+contrast from a pretrained checkpoint (across an epoch boundary, so they cluster twice),
+and also run a few collectives whose results are compared here with plain one-process
+computations.
 """
 
 from __future__ import annotations
@@ -27,18 +29,23 @@ from marreid.engine.checkpoint import load_checkpoint
 from marreid.engine.distributed import GlobalBatchNorm, any_rank, gather_rows, gather_streams
 from marreid.engine.extract import load_target
 from marreid.engine.logging import read_log
-from marreid.engine.pretrain import load_auxiliary
-from marreid.engine.train import MARTrainer
+from marreid.engine.pretrain import load_auxiliary, run_pretrain
+from marreid.engine.train import AdaptTrainer, MARTrainer
 from marreid.errors import ConfigError
 
 WORLD = 2
 STEPS = 2
 SPAWN_DEADLINE_S = 120
 BN_ROWS_PER_RANK = 3
-# (options of each rank, options of the one-process reference) per forward mode
+# Cluster contrast: two steps of epoch 0, then one of epoch 1 after clustering again.
+CC_STEPS = 3
+CC_OPTIONS = ("train.method=cluster_contrast", "cc.k1=6", "cc.k2=2", "cc.eps=0.5", "cc.min_samples=2",
+              "cc.batch_size=8", "cc.instances=2", "cc.iters_per_epoch=2", "cc.epochs=2", "train.bn_batch=2")
+# (options of each rank, options of the one-process reference) per mode
 MODES = {
     "joint": (("train.forward=joint", "train.sync_bn=true"), ("train.forward=joint",)),
     "per_domain": (("train.bn_batch=2",), ("train.bn_batch=2",)),
+    "cluster_contrast": (CC_OPTIONS, CC_OPTIONS),
 }
 
 
@@ -59,8 +66,21 @@ def make_config(trees, run_dir, *extra):
     ])
 
 
-def fresh_trainer(cfg) -> MARTrainer:
-    run = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), cfg.output.run_dir)
+def mode_config(trees, run_dir, mode, pretrained, reference=False):
+    """A mode's configuration for a rank (or, ``reference``, for the one-process run)."""
+    options = MODES[mode][1 if reference else 0]
+    if mode == "cluster_contrast":
+        return make_config(trees, run_dir, *options, f"train.pretrained_checkpoint={pretrained}",
+                           f"train.max_steps={CC_STEPS}")
+    return make_config(trees, run_dir, *options, f"train.max_steps={STEPS}")
+
+
+def fresh_trainer(cfg) -> AdaptTrainer:
+    if cfg.train.method == "cluster_contrast":  # no auxiliary set; starts from the pretrain checkpoint
+        run = AdaptTrainer(cfg, None, load_target(cfg), cfg.output.run_dir)
+        run.load_start_weights()
+    else:
+        run = MARTrainer(cfg, load_auxiliary(cfg), load_target(cfg), cfg.output.run_dir)
     run.initialize()
     run.save()
     return run
@@ -98,14 +118,14 @@ def _collective_checks(rank: int) -> dict:
     }
 
 
-def _rank_main(rank: int, port: int, trees, out) -> None:
-    """One rank: torchrun's environment, two MAR steps with synchronised BatchNorm, then the collectives."""
+def _rank_main(rank: int, port: int, trees, out, pretrained) -> None:
+    """One rank: torchrun's environment, each mode's training run, then the collectives."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     for mode, (options, _) in MODES.items():
         # Separate run folders show which rank writes what (a real job shares one).
-        cfg = make_config(trees, out / mode / f"rank{rank}", *options, f"train.max_steps={STEPS}")
+        cfg = mode_config(trees, out / mode / f"rank{rank}", mode, pretrained)
         run = fresh_trainer(cfg)
         status = run.fit()
         torch.save({
@@ -114,15 +134,15 @@ def _rank_main(rank: int, port: int, trees, out) -> None:
             "global_bn": sum(isinstance(m, GlobalBatchNorm) for m in run.model.modules()),
             "local_batch": len(run.batches.step_items(0, 0)),
             "bn_groups": run.bn_groups.sizes,
-            "grads": {name: p.grad.clone() for name, p in run.model.named_parameters()},
+            "grads": {name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None},
             "model": run.model.state_dict(),
             "loss": run.loss.state_dict(),
             **_collective_checks(rank),
         }, out / mode / f"rank{rank}.pt")
 
 
-def spawn_ranks(trees, out) -> None:
-    context = mp.spawn(_rank_main, args=(free_port(), trees, out), nprocs=WORLD, join=False)
+def spawn_ranks(trees, out, pretrained) -> None:
+    context = mp.spawn(_rank_main, args=(free_port(), trees, out, pretrained), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -137,15 +157,24 @@ def trees(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spawned(trees, tmp_path_factory):
+def pretrained(trees, tmp_path_factory):
+    """The pretrain checkpoint cluster contrast starts from, made once before the ranks start."""
+    folder = tmp_path_factory.mktemp("ddp_pretrain")
+    run_pretrain(make_config(trees, folder, f"output.pretrain_dir={folder}", "pretrain.epochs=2",
+                             "pretrain.batch_size=8", "pretrain.lr=0.05"))
+    return folder / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def spawned(trees, pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_runs")
-    spawn_ranks(trees, out)
+    spawn_ranks(trees, out, pretrained)
     return out
 
 
-def mode_runs(trees, out, mode):
-    """The run folder, the one-process reference trainer and the ranks' results of one forward mode."""
-    single = fresh_trainer(make_config(trees, out / mode / "single", *MODES[mode][1], f"train.max_steps={STEPS}"))
+def mode_runs(trees, out, mode, pretrained=None):
+    """The run folder, the one-process reference trainer and the ranks' results of one mode."""
+    single = fresh_trainer(mode_config(trees, out / mode / "single", mode, pretrained, reference=True))
     assert single.fit() == "max_steps"
     ranks = [torch.load(out / mode / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return out / mode, single, ranks
@@ -159,6 +188,11 @@ def runs(trees, spawned):
 @pytest.fixture(scope="module")
 def domain_runs(trees, spawned):
     return mode_runs(trees, spawned, "per_domain")
+
+
+@pytest.fixture(scope="module")
+def cc_runs(trees, spawned, pretrained):
+    return mode_runs(trees, spawned, "cluster_contrast", pretrained)
 
 
 def assert_close_dicts(got: dict, want: dict, what: str) -> None:
@@ -247,6 +281,44 @@ def test_per_domain_batchnorm_batches_give_the_single_process_run_on_any_rank_co
     # Rank 0 holds (and saves) the running statistics; they are the one-process run's.
     assert_close_dicts(ranks[0]["model"], single.model.state_dict(), "model")
     assert_close_dicts(ranks[0]["loss"], single.loss.state_dict(), "loss state")
+
+
+def test_cluster_contrast_on_two_ranks_gives_the_single_process_run(cc_runs):
+    """Each rank forwards half of each identity-balanced batch (BatchNorm groups of 2, rank 0's
+    first one moving the running statistics); every rank clusters, rank 0's labels and centres
+    are kept; the memory moves with the gathered global batch."""
+    out, single, ranks = cc_runs
+    assert single.bn_groups.sizes == (2,) * 4 and len(single.batches.step_items(0, 0)) == 8
+    for r in ranks:
+        assert r["status"] == "max_steps" and r["ddp"] and r["global_bn"] == 0
+        assert r["bn_groups"] == (2, 2) and r["local_batch"] == 4  # half of the global 8
+    want_log = read_log(out / "single" / "log.jsonl", "step")
+    got_log = read_log(out / "rank0" / "log.jsonl", "step")
+    assert [r["step"] for r in got_log] == [r["step"] for r in want_log] == list(range(CC_STEPS))
+    for g, w in zip(got_log, want_log, strict=True):
+        assert w["contrast"] > 0
+        for key in ("loss", "contrast"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), key
+    # clustered for epochs 0 and 1, rank 0's clusterings being the one process's
+    want_clusters = read_log(out / "single" / "log.jsonl", "cluster")
+    got_clusters = read_log(out / "rank0" / "log.jsonl", "cluster")
+    assert [c["epoch"] for c in got_clusters] == [c["epoch"] for c in want_clusters] == [0, 1]
+    for g, w in zip(got_clusters, want_clusters, strict=True):
+        assert (g["clusters"], g["outlier_share"]) == (w["clusters"], w["outlier_share"])
+    want = {name: p.grad for name, p in single.model.named_parameters() if p.grad is not None}
+    assert "agents.weight" not in want and all(g.abs().sum() > 0 for g in want.values())
+    for r in ranks:
+        assert_close_dicts(r["grads"], want, "gradient")
+    state = single.method.state_dict()
+    assert state.keys() == {"labels", "prepared_epoch", "memory.centres"} and int(state["prepared_epoch"]) == 1
+    assert_close_dicts(ranks[0]["model"], single.model.state_dict(), "model")
+    assert_close_dicts(ranks[0]["loss"], state, "method state")
+    for r in ranks:
+        assert torch.equal(r["loss"]["labels"], state["labels"])
+        assert int(r["loss"]["prepared_epoch"]) == 1
+    # labels and memory are the same on every rank, bit for bit
+    for name, value in ranks[0]["loss"].items():
+        assert torch.equal(value, ranks[1]["loss"][name]), name
 
 
 def test_global_batchnorm_equals_one_batchnorm_over_the_whole_batch(runs):
