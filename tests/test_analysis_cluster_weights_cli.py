@@ -46,10 +46,10 @@ def test_rows_are_the_validation_split_clustered_per_weight(checkpoint, tmp_path
     assert report["clustered_images"] == len(target.train)
     assert [r["weight"] for r in report["rows"]] == [0.0, 0.2]
     for got, want in zip(report["rows"], expected):
-        for key in ("pair_precision", "pair_recall", "pair_f", "ari", "clusters", "outlier_share"):
+        for key in ("eps", "pair_precision", "pair_recall", "pair_f", "ari", "clusters", "outlier_share"):
             assert got[key] == pytest.approx(want[key], abs=1e-9), key
-    assert report["best_weight"] == pick_weight(expected)
-    assert f"set cc.agreement_weight={report['best_weight']:g}" in capsys.readouterr().out
+    assert report["best"]["weight"] == pick_weight(expected)
+    assert f"cc.agreement_weight={report['best']['weight']:g}" in capsys.readouterr().out
 
 
 def test_a_weight_at_or_above_one_minus_eps_is_refused(checkpoint, tmp_path, capsys):

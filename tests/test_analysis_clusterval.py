@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from marreid.analysis.clusterval import pick_weight, validate_cluster_weights
+from marreid.analysis.clusterval import pick_row, pick_weight, validate_cluster_weights
 from marreid.errors import ConfigError
 from marreid.metrics.cluster import clustering_scores
 
@@ -31,7 +31,7 @@ def test_the_agreement_term_helps_and_is_picked():
     rows = validate_cluster_weights(features, multilabels, everything, pids, [0.0, 0.2, 0.35], k1=6, k2=1,
                                     min_samples=4)
     assert [row["weight"] for row in rows] == [0.0, 0.2, 0.35]
-    assert set(rows[0]) == {"weight", *clustering_scores(np.zeros(1), np.zeros(1))}
+    assert set(rows[0]) == {"eps", "weight", *clustering_scores(np.zeros(1), np.zeros(1))}
     scores = [row["pair_f"] for row in rows]
     assert scores[0] < 0.6 < 0.9 < scores[2]
     assert scores[0] < scores[1] < scores[2]
@@ -73,3 +73,17 @@ def test_only_the_held_out_rows_are_scored_but_all_rows_are_clustered():
     # identity 0 shares its feature centre with 1, which is not held out: without the agreement the
     # held-out pairs still look fine (0 and 2 are apart), so recall is what the blend changes
     assert rows[0]["identities"] == 2
+
+
+def test_several_radii_share_one_jaccard_and_the_best_row_is_picked():
+    features, multilabels, pids = mixed_identities()
+    everything = np.arange(len(pids))
+    rows = validate_cluster_weights(features, multilabels, everything, pids, [0.0, 0.2], k1=6, k2=1,
+                                    eps=[0.3, 0.6], min_samples=4)
+    assert [(r["eps"], r["weight"]) for r in rows] == [(0.3, 0.0), (0.3, 0.2), (0.6, 0.0), (0.6, 0.2)]
+    for radius in (0.3, 0.6):  # each radius alone gives the same rows
+        alone = validate_cluster_weights(features, multilabels, everything, pids, [0.0, 0.2], k1=6, k2=1,
+                                         eps=radius, min_samples=4)
+        assert [r for r in rows if r["eps"] == radius] == alone
+    best = pick_row(rows)
+    assert best["pair_f"] == max(r["pair_f"] for r in rows)

@@ -29,41 +29,51 @@ def validate_cluster_weights(
     weights: Sequence[float],
     k1: int = 30,
     k2: int = 6,
-    eps: float = 0.6,
+    eps: float | Sequence[float] = 0.6,
     min_samples: int = 4,
 ) -> list[dict]:
-    """One row per weight: ``clustering_scores`` of the held-out rows in the blended-distance
-    DBSCAN of all rows, plus ``weight``.
+    """One row per (eps, weight): ``clustering_scores`` of the held-out rows in the
+    blended-distance DBSCAN of all rows, plus ``eps`` and ``weight``.
 
     ``validation`` indexes the held-out rows of ``features`` / ``multilabels`` and
     ``validation_pids`` are their identities (the only labels read). The Jaccard distance
     (k1, k2) is computed once, sparse, holding the pairs that can be edges for the largest
-    weight (``blend_cutoff``), and blended for each weight; every weight must be in
-    [0, 1 - eps).
+    radius and weight (``blend_cutoff``), and blended for each weight; every weight must be
+    in [0, 1 - eps) for every eps.
     """
     if not weights:
         raise ConfigError("no blend weight to validate")
+    radii = [float(eps)] if np.isscalar(eps) else [float(e) for e in eps]
+    if not radii:
+        raise ConfigError("no DBSCAN radius to validate")
     validation = np.asarray(validation, dtype=np.int64)
     if len(validation) != len(validation_pids):
         raise ConfigError(f"{len(validation)} validation rows but {len(validation_pids)} identities")
-    cutoff = max(blend_cutoff(w, eps) for w in weights)
+    cutoff = min(1.0, max(blend_cutoff(w, e) for w in weights for e in radii))
     jaccard = k_reciprocal_jaccard(features, k1, k2, max_distance=cutoff)
     rows = []
-    for weight in weights:
-        distance = blended_distance(jaccard, multilabels, weight, eps=eps) if weight > 0 else jaccard
-        labels = pseudo_labels(distance, eps, min_samples)
-        rows.append({"weight": float(weight), **clustering_scores(labels[validation], np.asarray(validation_pids))})
+    for radius in radii:
+        for weight in weights:
+            distance = blended_distance(jaccard, multilabels, weight, eps=radius) if weight > 0 else jaccard
+            labels = pseudo_labels(distance, radius, min_samples)
+            rows.append({"eps": radius, "weight": float(weight),
+                         **clustering_scores(labels[validation], np.asarray(validation_pids))})
     return rows
 
 
-def pick_weight(rows: Sequence[dict], key: str = "pair_f") -> float:
-    """The weight of the row with the largest ``key``; on a tie the smallest such weight (the least blending)."""
+def pick_row(rows: Sequence[dict], key: str = "pair_f") -> dict:
+    """The row with the largest ``key``; on a tie the smallest weight (the least blending), then the
+    largest eps."""
     if not rows:
-        raise ConfigError("no validation rows to pick a weight from")
+        raise ConfigError("no validation rows to pick from")
     if key not in rows[0]:
         raise ConfigError(f"key {key!r} is not a clustering score; one of {', '.join(sorted(rows[0]))}")
-    best = max(rows, key=lambda row: (row[key], -row["weight"]))
-    return best["weight"]
+    return max(rows, key=lambda row: (row[key], -row["weight"], row.get("eps", 0.0)))
 
 
-__all__ = ["pick_weight", "validate_cluster_weights"]
+def pick_weight(rows: Sequence[dict], key: str = "pair_f") -> float:
+    """The weight of :func:`pick_row`."""
+    return pick_row(rows, key)["weight"]
+
+
+__all__ = ["pick_row", "pick_weight", "validate_cluster_weights"]

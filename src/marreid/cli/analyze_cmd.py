@@ -98,12 +98,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "agents, with the cc section's k1, k2, eps and min_samples. Each weight's clustering is "
                     "scored against the held-out identities of the file names (pair precision / recall / F, ARI, "
                     "NMI); "
-                    "the test split is never read. Prints the table and the weight with the best pair F, and "
+                    "the test split is never read. --eps compares DBSCAN radii too. Prints the table and the setting "
+                    "with the best pair F, and "
                     "writes cluster_weights.json to --out (default: the checkpoint's folder).",
     )
     cw.add_argument("checkpoint", metavar="CHECKPOINT", help="a marreid pretrain checkpoint (it holds the agents)")
     cw.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3], metavar="W",
                     help="the weights to compare (default: 0 0.1 0.2 0.3; each below 1 - cc.eps)")
+    cw.add_argument("--eps", nargs="+", type=float, metavar="E",
+                    help="DBSCAN radii to compare as well (default: cc.eps alone)")
     cw.add_argument("--fraction", type=float, default=0.2,
                     help="share of the target's training identities held out for validation (default: 0.2)")
     cw.add_argument("--out", metavar="DIR", help="output folder (default: the checkpoint's folder)")
@@ -218,7 +221,7 @@ def _write_report(out: Path, name: str, data: dict) -> Path:
 def run_cluster_weights(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from marreid.analysis.clusterval import pick_weight, validate_cluster_weights
+    from marreid.analysis.clusterval import pick_row, validate_cluster_weights
     from marreid.data.split import split_identities
     from marreid.engine.extract import eval_transform, load_target, model_from_checkpoint, model_outputs, resolve_device
     from marreid.errors import CheckpointError
@@ -226,8 +229,10 @@ def run_cluster_weights(args: argparse.Namespace) -> int:
     from marreid.metrics.cluster import blend_cutoff
 
     cfg, state = checkpoint_config(args, args.checkpoint)
+    radii = args.eps or [cfg.cc.eps]
     for weight in args.weights:
-        blend_cutoff(weight, cfg.cc.eps)  # refuses a weight now, before the features are extracted
+        for radius in radii:
+            blend_cutoff(weight, radius)  # refuses a setting now, before the features are extracted
     if "kind" not in state:
         raise CheckpointError(f"{args.checkpoint}: not a marreid checkpoint, so it has no reference agents "
                               f"to compute soft multilabels against")
@@ -243,19 +248,20 @@ def run_cluster_weights(args: argparse.Namespace) -> int:
                                   cfg.data.num_workers, device)
     cc = cfg.cc
     rows = validate_cluster_weights(feats.numpy(), log_soft_multilabel(logits).exp().numpy(), index, pids,
-                                    args.weights, k1=cc.k1, k2=cc.k2, eps=cc.eps, min_samples=cc.min_samples)
-    best = pick_weight(rows)
+                                    args.weights, k1=cc.k1, k2=cc.k2, eps=radii, min_samples=cc.min_samples)
+    best = pick_row(rows)
     print(f"all {len(target.train)} target training images clustered; scored on the {len(index)} images of "
           f"{len(set(pids.tolist()))} held-out identities (fraction {args.fraction}, seed {cfg.train.seed})")
-    print(f"{'weight':>7} {'pair P':>7} {'pair R':>7} {'pair F':>7} {'ARI':>6} {'NMI':>6} {'clusters':>8} {'outliers':>8}")
+    print(f"{'eps':>5} {'weight':>7} {'pair P':>7} {'pair R':>7} {'pair F':>7} {'ARI':>6} {'NMI':>6} {'clusters':>8} {'outliers':>8}")
     for row in rows:
-        print(f"{row['weight']:>7.3g} {row['pair_precision']:>7.3f} {row['pair_recall']:>7.3f} {row['pair_f']:>7.3f} "
+        print(f"{row['eps']:>5.3g} {row['weight']:>7.3g} {row['pair_precision']:>7.3f} {row['pair_recall']:>7.3f} {row['pair_f']:>7.3f} "
               f"{row['ari']:>6.3f} {row['nmi']:>6.3f} {row['clusters']:>8d} {row['outlier_share']:>8.3f}")
-    print(f"best pair F at weight {best:g}: set cc.agreement_weight={best:g}")
+    print(f"best pair F at eps {best['eps']:g}, weight {best['weight']:g}: "
+          f"set cc.eps={best['eps']:g} cc.agreement_weight={best['weight']:g}")
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.checkpoint), "fraction": args.fraction, "seed": cfg.train.seed,
-              "clustered_images": len(target.train), "images": len(index), "identities": len(set(pids.tolist())), "k1": cc.k1, "k2": cc.k2, "eps": cc.eps,
-              "min_samples": cc.min_samples, "rows": rows, "best_weight": best}
+              "clustered_images": len(target.train), "images": len(index), "identities": len(set(pids.tolist())), "k1": cc.k1, "k2": cc.k2,
+              "min_samples": cc.min_samples, "rows": rows, "best": best}
     path = out / "cluster_weights.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
