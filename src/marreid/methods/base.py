@@ -120,8 +120,9 @@ class Method(nn.Module):
     implement the hooks; ``__init__(cfg, context)`` builds what does not change between epochs."""
 
     name: ClassVar[str]
-    # The step record's loss terms, the total first: checked finite, shown, plotted.
-    term_names: ClassVar[tuple[str, ...]]
+    # The step record's loss terms, the total first: checked finite, shown, plotted. The class
+    # lists every term the method can log; an instance may narrow it to what its configuration trains.
+    term_names: tuple[str, ...]
     # The terms whose gradient runs through the target images' forward pass.
     target_terms: ClassVar[frozenset[str]]
     # The configuration sections of the method's own values (what a run's outcome depends on

@@ -111,6 +111,8 @@ class ClusterContrast(Method):
         self._batches: PseudoLabelBatches | None = None
         self._batches_of = NOT_PREPARED  # the epoch whose labels _batches holds
         self.stats = LogMultilabelStats(context.model.num_agents) if c.cml else None
+        if self.stats is None:  # pure cluster contrast logs no L_CML column
+            self.term_names = ("loss", "contrast")
         self.lambda_cml, self.stats_momentum = cfg.mar.lambda_cml, cfg.mar.stats_momentum
 
     @property
