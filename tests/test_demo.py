@@ -166,7 +166,7 @@ def test_experiment_runs_the_named_variants_on_configured_data(tmp_path, capsys)
     assert decisions == [("pretrain", "skip"), ("direct", "start"), ("direct", "done"), ("mar/mar", "reevaluate"),
                          ("mar/mar", "done"), ("mar/no_rj", "reevaluate"), ("mar/no_rj", "done")]
     rows = table_rows(capsys.readouterr().out)
-    assert rows["method"][-4:] == ["rank-1 re-ranked", "mAP re-ranked", "MAR steps", "wall time"]
+    assert rows["method"][-4:] == ["rank-1 re-ranked", "mAP re-ranked", "training steps", "wall time"]
     reranked = json.loads((run_dir / "results.json").read_text())["variants"]["no_rj"]["rerank"]["metrics"]
     assert rows["MAR without L_RJ"][-4:-2] == [f"{100 * reranked['rank1']:.1f}", f"{100 * reranked['mAP']:.1f}"]
 

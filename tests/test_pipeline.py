@@ -245,7 +245,7 @@ def test_results_markdown_shows_the_reranked_columns_and_old_results_render():
                "pretrain": {"status": "done", "steps": 3, "wall_s": 1.0}}
     lines = results_markdown(results).splitlines()
     assert lines[0] == ("| method | rank-1 | rank-5 | rank-10 | mAP (plain) | mAP (mar-release) | rank-1 re-ranked | "
-                        "mAP re-ranked | MAR steps | wall time |")
+                        "mAP re-ranked | training steps | wall time |")
     assert lines[2] == "| direct transfer | 20.0 | 20.0 | 20.0 | 20.0 | 30.0 | 25.0 | 25.0 | - | 10 s |"
     assert lines[3] == "| MAR (all losses) | 50.0 | 50.0 | 50.0 | 50.0 | 60.0 | 60.0 | 60.0 | 5 | 10 s |"
     assert "k1 = 20, k2 = 6, lambda = 0.3), under the plain AP rule." in lines[-1]

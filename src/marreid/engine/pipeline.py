@@ -478,7 +478,7 @@ def results_markdown(results: dict) -> str:
     rows = result_rows(results)
     reranked = _reranked(list(rows.values()))
     head = ["method", "rank-1", "rank-5", "rank-10", f"mAP ({rule})"] + [f"mAP ({r})" for r in extra_rules] \
-        + (list(RERANK_COLUMNS.values()) if reranked else []) + ["MAR steps", "wall time"]
+        + (list(RERANK_COLUMNS.values()) if reranked else []) + ["training steps", "wall time"]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for row in rows.values():
         m = row["metrics"][rule]
