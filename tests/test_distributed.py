@@ -35,7 +35,7 @@ from marreid.errors import ConfigError
 
 WORLD = 2
 STEPS = 2
-SPAWN_DEADLINE_S = 120
+SPAWN_DEADLINE_S = 600  # a guard against a hung collective, not a speed check: slow CI machines take minutes
 BN_ROWS_PER_RANK = 3
 # Cluster contrast: two steps of epoch 0, then one of epoch 1 after clustering again.
 CC_STEPS = 3
