@@ -160,10 +160,7 @@ class LogMultilabelStats(nn.Module):
     @torch.no_grad()
     def update_from_cameras(self, means: Tensor, stds: Tensor, momentum: float = 0.0368) -> None:
         """``update`` from per-camera statistics ``[V, N]`` already computed; no change when V = 0."""
-        if len(means) == 0:
-            return
-        self.running_mean.mul_(1.0 - momentum).add_(momentum * means.detach().mean(0).to(self.running_mean.dtype))
-        self.running_std.mul_(1.0 - momentum).add_(momentum * stds.detach().mean(0).to(self.running_std.dtype))
+        self.set(*self.moved_toward(means, stds, momentum))
 
     def moved_toward(self, means: Tensor, stds: Tensor, momentum: float = 0.0368) -> tuple[Tensor, Tensor]:
         """The (mu, sigma) ``update_from_cameras`` would leave, as new tensors; the buffers stay as
@@ -173,6 +170,18 @@ class LogMultilabelStats(nn.Module):
             return mean.clone(), std.clone()
         return (mean.mul(1.0 - momentum).add(momentum * means.detach().mean(0).to(mean.dtype)),
                 std.mul(1.0 - momentum).add(momentum * stds.detach().mean(0).to(std.dtype)))
+
+    def batch_shares(self, log_y: Tensor, camids: Tensor, momentum: float | None
+                     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """L_CML's per-camera shares of one batch (``camera_shares``), taken against mu / sigma moved
+        toward the batch's statistics first (the release's order of a training step), or against
+        them as they are when ``momentum`` is None. Returns ``(cams, shares, moved)``: ``moved`` the
+        (mu, sigma) to commit with ``set`` (None without a move, or when no camera has 2 images);
+        the buffers stay as they are."""
+        cams, means, stds = per_camera_stats(log_y, camids)
+        moved = self.moved_toward(means, stds, momentum) if momentum is not None and len(means) else None
+        mean, std = moved if moved is not None else (self.running_mean, self.running_std)
+        return cams, camera_shares(means, stds, mean, std), moved
 
     @torch.no_grad()
     def set(self, mean: Tensor, std: Tensor) -> None:

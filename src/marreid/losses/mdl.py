@@ -151,11 +151,15 @@ class AgreementThreshold(nn.Module):
         batch_agreement : Tensor
             The agreements of the batch's distinct pairs, ``[B(B-1)/2]`` (``pair_agreements``).
         """
-        if len(batch_agreement) == 0:
-            return self.value
-        quantile = top_quantile(batch_agreement.detach(), mining_ratio)
-        self.threshold.mul_(1.0 - momentum).add_(momentum * quantile)
+        self.threshold.copy_(self.moved_toward(batch_agreement, mining_ratio, momentum))
         return self.value
+
+    def moved_toward(self, batch_agreement: Tensor, mining_ratio: float, momentum: float = 0.1) -> Tensor:
+        """The T ``update`` would leave, as a new tensor; T itself stays as it is."""
+        if len(batch_agreement) == 0:
+            return self.threshold.clone()
+        quantile = top_quantile(batch_agreement.detach(), mining_ratio)
+        return self.threshold.mul(1.0 - momentum).add(momentum * quantile)
 
 
 class MultilabelMemory(nn.Module):
@@ -187,6 +191,11 @@ class MultilabelMemory(nn.Module):
     def update(self, indices: Tensor, y: Tensor, momentum: float = 0.1) -> Tensor:
         """Write the blended rows for ``indices`` (distinct) and mark them visited; return them."""
         rows = self.blend(indices, y, momentum)
+        self.write(indices, rows)
+        return rows
+
+    @torch.no_grad()
+    def write(self, indices: Tensor, rows: Tensor) -> None:
+        """Store ``rows`` (from ``blend``) for ``indices`` and mark them visited."""
         self.memory[indices] = rows
         self.visited[indices] = True
-        return rows

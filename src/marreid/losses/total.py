@@ -24,10 +24,9 @@ from marreid.losses.agents import (
     reference_agent_loss,
     squared_distances,
 )
-from marreid.losses.cml import LogMultilabelStats, camera_shares, per_camera_stats
+from marreid.losses.cml import LogMultilabelStats
 from marreid.losses.mdl import AgreementThreshold, MiningStats, MultilabelMemory, mdl_loss
-from marreid.losses.multilabel import (agreement_top_quantile, log_soft_multilabel, pair_agreements, top_quantile,
-                                       upcast)
+from marreid.losses.multilabel import agreement_top_quantile, log_soft_multilabel, pair_agreements, upcast
 
 Tensor = torch.Tensor
 
@@ -169,12 +168,8 @@ class MARLoss(nn.Module):
         toward this batch's (release order), the moved values going to ``pending``."""
         if not bool(self.stats.initialized):
             raise TrainingError("MARLoss.initialize must run before training: the running mu / sigma are unset")
-        cams, means, stds = per_camera_stats(log_y, camids)
-        mean, std = self.stats.running_mean, self.stats.running_std
-        if self.training and len(means):
-            mean, std = self.stats.moved_toward(means, stds, self.stats_momentum)
-            pending.stats = (mean, std)
-        shares = camera_shares(means, stds, mean, std)
+        cams, shares, pending.stats = self.stats.batch_shares(log_y, camids,
+                                                              self.stats_momentum if self.training else None)
         log.update({f"cml_cam{int(c)}": float(s) for c, s in zip(cams, shares.detach())})
         return shares.sum()
 
@@ -194,10 +189,8 @@ class MARLoss(nn.Module):
         if self.training:
             pending.memory = (index, rows)
             if len(agreements):
-                # AgreementThreshold.update's arithmetic, out of place
-                m = self.threshold_momentum
-                quantile = top_quantile(agreements.detach(), self.mining_ratio)
-                pending.threshold = self.threshold.threshold.mul(1.0 - m).add(m * quantile)
+                pending.threshold = self.threshold.moved_toward(agreements, self.mining_ratio,
+                                                                self.threshold_momentum)
         return loss, mining
 
     @torch.no_grad()
@@ -295,9 +288,7 @@ class MARLoss(nn.Module):
         if pending.stats is not None:
             self.stats.set(*pending.stats)
         if pending.memory is not None:
-            index, rows = pending.memory
-            self.memory.memory[index] = rows
-            self.memory.visited[index] = True
+            self.memory.write(*pending.memory)
         if pending.threshold is not None:
             self.threshold.threshold.copy_(pending.threshold)
 

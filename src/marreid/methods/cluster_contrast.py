@@ -43,7 +43,7 @@ from marreid.engine.distributed import broadcast_state
 from marreid.engine.preflight import check_evaluable
 from marreid.engine.pretrain import train_transform
 from marreid.errors import CheckpointError, TrainingError
-from marreid.losses.cml import LogMultilabelStats, camera_shares, per_camera_stats
+from marreid.losses.cml import LogMultilabelStats
 from marreid.losses.contrast import cluster_nce
 from marreid.losses.multilabel import log_soft_multilabel, soft_multilabel
 from marreid.methods.base import BatchShape, Method, StepOutputs, Terms, TrainContext
@@ -213,9 +213,8 @@ class ClusterContrast(Method):
             if not bool(self.stats.initialized):
                 raise TrainingError("cc.cml: L_CML's running mu / sigma are unset (fresh_start did not run)")
             # the agents are fixed, so the model's logits are Eq. 1's argument with no agent gradient
-            cams, means, stds = per_camera_stats(log_soft_multilabel(outputs.tgt_logits.float()), outputs.tgt_camids)
-            pending = self.stats.moved_toward(means, stds, self.stats_momentum)
-            shares = camera_shares(means, stds, *pending)
+            cams, shares, pending = self.stats.batch_shares(log_soft_multilabel(outputs.tgt_logits.float()),
+                                                            outputs.tgt_camids, self.stats_momentum)
             cml = shares.sum()
             weighted["cml"] = self.lambda_cml * cml
             log["cml"] = float(cml.detach())
